@@ -1,0 +1,137 @@
+"""Plain NumPy references: the textbook formulas of SPEC.md, written for reading, not speed.
+
+Every kernel of fastdl is tested against these. They compute in the arrays' own dtype (NumPy 2
+keeps float32 arrays float32 against Python floats), one parameter at a time.
+"""
+
+import math
+
+import numpy as np
+
+OPTIMIZER_DEFAULTS = {
+    "sgd": dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                maximize=False),
+    "momentum": dict(lr=0.01, beta=0.9, weight_decay=0.0, maximize=False),
+    "rmsprop": dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                    centered=False, maximize=False),
+    "adam": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+                 maximize=False),
+    "adamw": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, amsgrad=False,
+                  maximize=False),
+}
+
+
+class ReferenceOptimizer:
+    """One optimizer over a list of arrays (updated in place), in SPEC.md's order of operations.
+
+    ``groups`` is a list of (indices of params, hyperparameter overrides).
+    """
+
+    def __init__(self, kind, params, groups=None, grad_scale=None, skip_nonfinite=False,
+                 max_grad_norm=None, ema_decay=None, **hyper):
+        self.kind = kind
+        self.params = params
+        base = {**OPTIMIZER_DEFAULTS[kind], **hyper}
+        groups = groups or [(range(len(params)), {})]
+        self.hyper = [None] * len(params)
+        for indices, overrides in groups:
+            for i in indices:
+                self.hyper[i] = {**base, **overrides}
+        self.grad_scale = grad_scale
+        self.skip_nonfinite = skip_nonfinite
+        self.max_grad_norm = max_grad_norm
+        self.ema_decay = ema_decay
+        self.ema = [p.copy() for p in params] if ema_decay is not None else None
+        self.state = [dict() for _ in params]
+        self.t = 0
+
+    def step(self, grads):
+        """Returns (found_inf, grad_norm) like fastdl's StepInfo."""
+        # 1. unscale
+        if self.grad_scale is not None:
+            grads = [g / self.grad_scale for g in grads]
+        # 2. skip a step with any inf/NaN gradient
+        found_inf = any(not np.all(np.isfinite(g)) for g in grads)
+        norm = None
+        if self.max_grad_norm is not None:
+            norm = math.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads))
+        if self.skip_nonfinite and found_inf:
+            return True, norm
+        # 3. global-norm clipping
+        if self.max_grad_norm is not None:
+            clip = self.max_grad_norm / (norm + 1e-6)
+            if clip < 1:
+                grads = [g * clip for g in grads]
+        self.t += 1
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            h = self.hyper[i]
+            # 4. maximize
+            if h["maximize"]:
+                g = -g
+            getattr(self, "_" + self.kind)(p, g, self.state[i], h)
+        # 7. EMA of the weights
+        if self.ema is not None:
+            d = self.ema_decay
+            for e, p in zip(self.ema, self.params):
+                e[...] = d * e + (1 - d) * p
+        return (found_inf if self.skip_nonfinite else False), norm
+
+    def _sgd(self, p, g, s, h):
+        if h["weight_decay"] != 0:
+            g = g + h["weight_decay"] * p
+        if h["momentum"] != 0:
+            if "momentum_buffer" not in s:
+                s["momentum_buffer"] = g.copy()
+            else:
+                s["momentum_buffer"] = (h["momentum"] * s["momentum_buffer"]
+                                        + (1 - h["dampening"]) * g)
+            b = s["momentum_buffer"]
+            g = g + h["momentum"] * b if h["nesterov"] else b
+        p -= h["lr"] * g
+
+    def _momentum(self, p, g, s, h):
+        g = g + h["weight_decay"] * p
+        v = s.get("velocity", np.zeros_like(p))
+        s["velocity"] = v = h["beta"] * v + (1 - h["beta"]) * g
+        p -= h["lr"] * v
+
+    def _rmsprop(self, p, g, s, h):
+        g = g + h["weight_decay"] * p
+        alpha = h["alpha"]
+        sq = s["square_avg"] = alpha * s.get("square_avg", np.zeros_like(p)) + (1 - alpha) * g * g
+        if h["centered"]:
+            ga = s["grad_avg"] = alpha * s.get("grad_avg", np.zeros_like(p)) + (1 - alpha) * g
+            avg = np.sqrt(sq - ga * ga) + h["eps"]
+        else:
+            avg = np.sqrt(sq) + h["eps"]
+        if h["momentum"] > 0:
+            b = s.get("momentum_buffer", np.zeros_like(p))
+            s["momentum_buffer"] = b = h["momentum"] * b + g / avg
+            p -= h["lr"] * b
+        else:
+            p -= h["lr"] * (g / avg)
+
+    def _adam(self, p, g, s, h, decoupled=False):
+        b1, b2 = h["betas"]
+        if decoupled:
+            p *= 1 - h["lr"] * h["weight_decay"]
+        else:
+            g = g + h["weight_decay"] * p
+        m = s["exp_avg"] = b1 * s.get("exp_avg", np.zeros_like(p)) + (1 - b1) * g
+        v = s["exp_avg_sq"] = b2 * s.get("exp_avg_sq", np.zeros_like(p)) + (1 - b2) * g * g
+        if h["amsgrad"]:
+            v = s["max_exp_avg_sq"] = np.maximum(s.get("max_exp_avg_sq", np.zeros_like(p)), v)
+        m_hat_step = h["lr"] / (1 - b1 ** self.t)
+        p -= m_hat_step * m / (np.sqrt(v) / math.sqrt(1 - b2 ** self.t) + h["eps"])
+
+    def _adamw(self, p, g, s, h):
+        self._adam(p, g, s, h, decoupled=True)
+
+
+def ewa(values, beta, bias_correction=True):
+    """v_t = beta * v_{t-1} + (1 - beta) * theta_t, v_0 = 0; optionally / (1 - beta**t)."""
+    out, v = [], 0.0
+    for t, theta in enumerate(values, start=1):
+        v = beta * v + (1 - beta) * theta
+        out.append(v / (1 - beta ** t) if bias_correction else v)
+    return np.array(out)
