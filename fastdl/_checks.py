@@ -64,7 +64,7 @@ def hyperparameter(value, argument, n_models, check, flag=False):
                          f"per model); got shape {values.shape}")
     values = np.broadcast_to(values.astype(np.float64), (n_models or 1,)).copy()
     if check is not None and not np.all(check(values)):
-        bad = values[~check(values)][0]
+        bad = float(values[~check(values)][0])
         raise ValueError(f"{argument} must be {check.__doc__}; got {bad!r}")
     return values
 
