@@ -135,6 +135,7 @@ class _Optimizer:
         self._coef = np.zeros((len(groups) * self.n_models, n_coef), self.dtype)
         self._empty = np.zeros(0, self.dtype)
         self._state = {}
+        self._state_args = None  # the update kernel's state arguments, once allocated
         self._plan_chunks(groups)
         self._grads_seen = None
         self.grad_scale = grad_scale
@@ -258,7 +259,11 @@ class _Optimizer:
     # -- hyperparameters ---------------------------------------------------------------------
 
     def _refresh_hyper(self):
-        """Copy changed group hyperparameters into the float64 table, validating them."""
+        """Copy changed group hyperparameters into the float64 table, validating them.
+
+        Returns True when something changed (the state buffers needed may have too).
+        """
+        any_changed = False
         for g, (group, seen) in enumerate(zip(self.param_groups, self._seen)):
             changed = False
             for key in self._defaults:
@@ -272,6 +277,8 @@ class _Optimizer:
                     changed = True
             if changed:
                 self._check_group(g)
+                any_changed = True
+        return any_changed
 
     def _set_hyper(self, g, key, value):
         column = self._column(key)
@@ -463,6 +470,7 @@ class _Optimizer:
             self._model[:, self._kernels.EMA_DECAY] = options["ema_decay"]
             self._ema_decay = options["ema_decay"]
         self._steps[:] = steps
+        self._state_args = None
         for name, arrays in tensors.items():
             if name == "ema":
                 target = self._ema
@@ -545,15 +553,15 @@ class _Optimizer:
                             f"{_checks.describe(grads)}")
         grads = list(grads)
         param_addresses, grad_addresses, chunks = self._grad_addresses(grads)
-        self._refresh_hyper()
-        state = self._state_buffers(self._known_state())
+        if self._refresh_hyper() or self._state_args is None:
+            self._state_args = self._state_buffers(self._known_state())
         measure = self._skip_nonfinite or self._max_grad_norm is not None
         if measure:
             self._kernels.grad_stats(grad_addresses, chunks, self._model, self._coef,
                                      self._parallel, self._sumsq, self._nonfinite)
         self._run_coefficients()
         self._update(param_addresses, grad_addresses, chunks, self._coef, self._active,
-                     *state, self._empty if self._ema is None else self._ema)
+                     *self._state_args, self._empty if self._ema is None else self._ema)
         return self._step_info()
 
     def _run_coefficients(self):

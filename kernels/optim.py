@@ -109,18 +109,25 @@ _adam = njit(inline="always", **CPU_OPTIONS)(adam_element)
 # ---------------------------------------------------------------------------------------------
 
 def _grad_stats(grad_addresses, chunks, model, like, chunk_sumsq, chunk_nonfinite):
-    """Per chunk: sum of (g / grad_scale)**2 in float64, and how many of them are inf/NaN."""
+    """Per chunk: sum of (g / grad_scale)**2 in float64, and whether any of them is inf/NaN.
+
+    The sum itself detects non-finite values (an inf or NaN makes it inf or NaN), so the hot
+    loop has no per-element test; only a chunk whose sum is not finite is scanned again, to
+    tell a real inf/NaN from squares of huge float64 values overflowing.
+    """
     for c in prange(chunks.shape[0]):
         g = view(grad_addresses[chunks[c, PTR]], chunks[c, LO], chunks[c, HI], like)
         inv_scale = g.dtype.type(model[chunks[c, MODEL], INV_SCALE])
         sumsq = 0.0
-        nonfinite = 0
         for i in range(g.shape[0]):
-            x = g[i] * inv_scale
-            sumsq += np.float64(x) * np.float64(x)
-            nonfinite += not is_finite(x)
+            x = np.float64(g[i] * inv_scale)
+            sumsq += x * x
+        nonfinite = False
+        if not is_finite(sumsq):
+            for i in range(g.shape[0]):
+                nonfinite |= not is_finite(g[i] * inv_scale)
         chunk_sumsq[c] = sumsq
-        chunk_nonfinite[c] = nonfinite > 0
+        chunk_nonfinite[c] = nonfinite
 
 
 _grad_stats_serial, _grad_stats_parallel = cpu_kernel_pair(_grad_stats)

@@ -236,3 +236,12 @@ def test_flat_params_layout():
 
 def test_ewa_and_schedules_are_exported():
     assert callable(fd.ewa) and callable(fd.schedules.staircase)
+
+
+def test_huge_finite_float64_gradients_are_not_taken_for_inf():
+    """Squares of |g| > 1e154 overflow float64; the check must still see finite values."""
+    p = [np.zeros(4)]
+    opt = fd.optim.SGD(p, lr=1e-300, skip_nonfinite=True, max_grad_norm=1.0)
+    info = opt.step([np.array([1e200, -1e200, 0.0, 1.0])])
+    assert info.found_inf is False and info.grad_norm == np.inf
+    assert opt.step_count == 1

@@ -1,0 +1,185 @@
+"""Benchmark cases shared by ``python -m fastdl bench`` and the pytest-benchmark suite.
+
+Each case builds a ``step()`` callable per implementation: ``fastdl``, ``numpy`` (the
+textbook version, one array expression per formula line) and ``torch`` (PyTorch's
+``fused=True`` optimizer, when PyTorch is installed). All float32, default options on both sides.
+"""
+
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+IMPLEMENTATIONS = ("fastdl", "numpy", "torch")
+
+
+@dataclass
+class OptimCase:
+    """One optimizer workload. ``bytes_per_element`` counts the memory traffic of a fused step."""
+
+    name: str
+    shapes: list
+    optimizer: str = "Adam"
+    options: dict = field(default_factory=dict)
+    bytes_per_element: int = 28  # Adam: p, m, v read and written, g read (float32)
+
+    @property
+    def size(self):
+        return sum(math.prod(s) for s in self.shapes)
+
+
+def _separate_shapes(n, low, high, seed=0):
+    return [(int(s),) for s in np.random.default_rng(seed).integers(low, high + 1, n)]
+
+
+OPTIM_CASES = {
+    "adam_1e7": OptimCase("Adam, one tensor of 1e7", [(10_000_000,)]),
+    "adam_200_tensors": OptimCase("Adam, 200 tensors of 1e3-1e4", _separate_shapes(200, 1000,
+                                                                                   10_000)),
+    "adam_1000": OptimCase("Adam, one tensor of 1000 (call overhead)", [(1000,)]),
+    "adamw_clip_1e7": OptimCase("AdamW + max_grad_norm, 1e7 in 3 tensors",
+                                [(4_000_000,), (3_000_000,), (3_000_000,)], "AdamW",
+                                dict(max_grad_norm=1.0), bytes_per_element=32),
+}
+
+
+def torch_available():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class TextbookAdam:
+    """Adam / AdamW as the course notes write it in NumPy: every line a temporary array."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 decoupled=False, max_grad_norm=None):
+        self.params, self.lr, self.eps = params, lr, eps
+        self.beta1, self.beta2 = betas
+        self.weight_decay, self.decoupled, self.max_grad_norm = weight_decay, decoupled, \
+            max_grad_norm
+        self.m = [np.zeros_like(p) for p in params]
+        self.v = [np.zeros_like(p) for p in params]
+        self.t = 0
+
+    def step(self, grads):
+        if self.max_grad_norm is not None:
+            norm = np.sqrt(sum(np.sum(g * g) for g in grads))
+            clip = min(1.0, self.max_grad_norm / (norm + 1e-6))
+            grads = [g * clip for g in grads]
+        self.t += 1
+        b1, b2 = self.beta1, self.beta2
+        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+            if self.decoupled:
+                p *= 1 - self.lr * self.weight_decay
+            m[...] = b1 * m + (1 - b1) * g
+            v[...] = b2 * v + (1 - b2) * g ** 2
+            m_hat = m / (1 - b1 ** self.t)
+            v_hat = v / (1 - b2 ** self.t)
+            p -= self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+
+
+def make_optim_step(case, implementation, seed=0):
+    """A zero-argument callable doing one optimizer step of ``case`` with ``implementation``."""
+    rng = np.random.default_rng(seed)
+    params = [rng.standard_normal(s, np.float32) for s in case.shapes]
+    grads = [rng.standard_normal(s, np.float32) * np.float32(1e-2) for s in case.shapes]
+    if implementation == "fastdl":
+        from . import optim
+
+        opt = getattr(optim, case.optimizer)(params, **case.options)
+        return lambda: opt.step(grads)
+    if implementation == "numpy":
+        decoupled = case.optimizer == "AdamW"
+        opt = TextbookAdam(params, weight_decay=0.01 if decoupled else 0.0,
+                           decoupled=decoupled, **case.options)
+        return lambda: opt.step(grads)
+    if implementation == "torch":
+        import torch
+
+        tensors = [torch.from_numpy(p) for p in params]
+        for t, g in zip(tensors, grads):
+            t.requires_grad_(True)
+            t.grad = torch.from_numpy(g)
+        opt = getattr(torch.optim, case.optimizer)(tensors, fused=True)
+        max_norm = case.options.get("max_grad_norm")
+        if max_norm is None:
+            return opt.step
+
+        def step():
+            torch.nn.utils.clip_grad_norm_(tensors, max_norm)
+            opt.step()
+
+        return step
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")
+
+
+def triad_bandwidth(n=10_000_000, repeats=5):
+    """The machine's memory bandwidth in GB/s, from a parallel STREAM triad a = b + s*c
+    (12 bytes per float32 element), measured now so it drifts with the benchmarks."""
+    from fastdl.kernels.measure import triad
+
+    a, b, c = (np.ones(n, np.float32) for _ in range(3))
+    triad(a, b, c, np.float32(3.0))
+    best = min(_seconds(lambda: triad(a, b, c, np.float32(3.0)), 1) for _ in range(repeats))
+    return 12 * n / best / 1e9
+
+
+def _seconds(fn, number):
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - start) / number
+
+
+def time_step(step, budget=0.2, repeats=5):
+    """Best mean time of one call over ``repeats`` rounds of ~``budget`` seconds / repeats."""
+    step()  # compile / warm up
+    once = _seconds(step, 1)
+    number = max(1, int(budget / repeats / max(once, 1e-7)))
+    return min(_seconds(step, number) for _ in range(repeats))
+
+
+def machine_description():
+    import numba
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith(
+                "model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = f"numpy {np.__version__}, numba {numba.__version__}"
+    if torch_available():
+        import torch
+
+        versions += f", torch {torch.__version__}"
+    return f"{cpu}, {numba.get_num_threads()} threads; Python {platform.python_version()}, " \
+           f"{versions}"
+
+
+def run(quick=False):
+    """Print a table: time per step of each implementation and fastdl's speed-up over each."""
+    implementations = [i for i in IMPLEMENTATIONS if i != "torch" or torch_available()]
+    print(f"fastdl optimizer benchmark — {machine_description()}")
+    print(f"device: cpu; float32; best of 5 rounds; {time.strftime('%Y-%m-%d')}")
+    bandwidth = triad_bandwidth()
+    print(f"memory bandwidth (STREAM triad, 2 threads, now): {bandwidth:.1f} GB/s\n")
+    header = f"{'case':44s}" + "".join(f"{i + ' (ms)':>14s}" for i in implementations)
+    header += "".join(f"{'vs ' + i:>10s}" for i in implementations[1:]) + f"{'fastdl GB/s':>13s}"
+    print(header)
+    print("-" * len(header))
+    for case in OPTIM_CASES.values():
+        budget = 0.1 if quick else 0.4
+        times = {i: time_step(make_optim_step(case, i), budget) for i in implementations}
+        row = f"{case.name:44s}" + "".join(f"{times[i] * 1e3:14.3f}" for i in implementations)
+        row += "".join(f"{times[i] / times['fastdl']:9.1f}x" for i in implementations[1:])
+        row += f"{case.bytes_per_element * case.size / times['fastdl'] / 1e9:13.1f}"
+        print(row)
+    if "torch" not in implementations:
+        print("\n(PyTorch is not installed: `pip install -e .[compare]` adds it as a baseline)")
