@@ -136,12 +136,22 @@ def _seconds(fn, number):
     return (time.perf_counter() - start) / number
 
 
-def time_step(step, budget=0.2, repeats=5):
-    """Best mean time of one call over ``repeats`` rounds of ~``budget`` seconds / repeats."""
-    step()  # compile / warm up
-    once = _seconds(step, 1)
-    number = max(1, int(budget / repeats / max(once, 1e-7)))
-    return min(_seconds(step, number) for _ in range(repeats))
+def time_steps(steps, budget=0.2, rounds=7):
+    """Best mean time of one call for each of ``steps`` (name -> callable).
+
+    The implementations take turns, round by round, so that a slow spell of a shared machine
+    hits all of them alike; each round times a batch of calls worth ~``budget / rounds`` s.
+    """
+    numbers = {}
+    for name, step in steps.items():
+        step()  # compile / warm up
+        once = _seconds(step, 1)
+        numbers[name] = max(1, int(budget / rounds / max(once, 1e-7)))
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(rounds):
+        for name, step in steps.items():
+            best[name] = min(best[name], _seconds(step, numbers[name]))
+    return best
 
 
 def machine_description():
@@ -167,7 +177,8 @@ def run(quick=False):
     """Print a table: time per step of each implementation and fastdl's speed-up over each."""
     implementations = [i for i in IMPLEMENTATIONS if i != "torch" or torch_available()]
     print(f"fastdl optimizer benchmark — {machine_description()}")
-    print(f"device: cpu; float32; best of 5 rounds; {time.strftime('%Y-%m-%d')}")
+    print(f"device: cpu; float32; implementations alternate round by round, best of 7 rounds;"
+          f" {time.strftime('%Y-%m-%d')}")
     bandwidth = triad_bandwidth()
     print(f"memory bandwidth (STREAM triad, 2 threads, now): {bandwidth:.1f} GB/s\n")
     header = f"{'case':44s}" + "".join(f"{i + ' (ms)':>14s}" for i in implementations)
@@ -175,8 +186,8 @@ def run(quick=False):
     print(header)
     print("-" * len(header))
     for case in OPTIM_CASES.values():
-        budget = 0.1 if quick else 0.4
-        times = {i: time_step(make_optim_step(case, i), budget) for i in implementations}
+        steps = {i: make_optim_step(case, i) for i in implementations}
+        times = time_steps(steps, 0.3 if quick else 1.5)
         row = f"{case.name:44s}" + "".join(f"{times[i] * 1e3:14.3f}" for i in implementations)
         row += "".join(f"{times[i] / times['fastdl']:9.1f}x" for i in implementations[1:])
         row += f"{case.bytes_per_element * case.size / times['fastdl'] / 1e9:13.1f}"

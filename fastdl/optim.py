@@ -56,7 +56,8 @@ def flat_params(shapes, dtype=np.float32):
         cuda = require_cuda()
         buffer = cuda.to_device(np.zeros(sum(sizes), dtype))
     else:
-        buffer = np.zeros(sum(sizes), dtype)
+        buffer = np.empty(sum(sizes), dtype)
+        buffer.fill(0)  # written now: no lazily mapped small pages (see _Optimizer._zeros)
     offsets = np.cumsum([0] + sizes)
     return [buffer[offsets[i]:offsets[i + 1]].reshape(s) for i, s in enumerate(shapes)]
 
@@ -382,8 +383,19 @@ class _Optimizer:
         """The flat state arrays in ``names`` order, allocating missing ones as zeros."""
         for name in self._needed_state():
             if name not in self._state:
-                self._state[name] = np.zeros(int(self._sizes.sum()), self.dtype)
+                self._state[name] = self._zeros()
         return [self._state.get(name, self._empty) for name in names]
+
+    def _zeros(self):
+        """A zeroed flat state buffer, written now.
+
+        Not ``np.zeros``: calloc hands out lazily mapped small pages, which fault on the first
+        step and, with transparent huge pages in "madvise" mode, stay small pages (TLB misses:
+        fused Adam on 1e7 elements ran ~25 % slower). NumPy's own allocator asks for huge pages.
+        """
+        buffer = np.empty(int(self._sizes.sum()), self.dtype)
+        buffer.fill(0)
+        return buffer
 
     def _needed_state(self):
         """Names of the state buffers the current hyperparameters need."""
@@ -477,7 +489,7 @@ class _Optimizer:
             else:
                 target = self._state.get(name)
                 if target is None:
-                    target = self._state[name] = np.zeros(int(self._sizes.sum()), self.dtype)
+                    target = self._state[name] = self._zeros()
             for view, a in zip(self._views(target), arrays):
                 view[...] = a if isinstance(a, np.ndarray) else a.copy_to_host()
         for name in list(self._state):

@@ -36,6 +36,12 @@ def torch_params(params):
     return [torch.tensor(p.copy(), requires_grad=True) for p in params]
 
 
+def torch_step(opt, tensors, grads):
+    for t, g in zip(tensors, grads):
+        t.grad = torch.from_numpy(g.copy())
+    opt.step()
+
+
 def assert_same(fast, slow, dtype):
     for j, (got, want) in enumerate(zip(fast, slow)):
         assert_close(got, want.detach().numpy(), dtype, what=f"param {j}")
@@ -51,9 +57,7 @@ def test_matches_torch_optim(ours, theirs, hyper, dtype, rng):
     for _ in range(10):
         grads = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
         opt.step(grads)
-        for t, g in zip(slow, grads):
-            t.grad = torch.from_numpy(g.copy())
-        ref.step()
+        torch_step(ref, slow, grads)
     assert_same(fast, slow, dtype)
 
 
@@ -71,9 +75,7 @@ def test_parameter_groups_match_torch(dtype, rng):
             opt.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = 0.002
         grads = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
         opt.step(grads)
-        for p, g in zip(slow, grads):
-            p.grad = torch.from_numpy(g.copy())
-        ref.step()
+        torch_step(ref, slow, grads)
     assert_same(fast, slow, dtype)
 
 
