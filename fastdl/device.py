@@ -8,7 +8,7 @@ The default comes from the environment variable ``FASTDL_DEVICE`` ("auto", "cpu"
 "auto" when unset). "auto" means "cuda" when a GPU is usable, else "cpu". Asking for "cuda"
 without a usable GPU is an error when something is put there, never at import.
 
-This is the only module of fastdl that imports ``numba.cuda``, and only when first needed.
+``numba.cuda`` is imported only when first needed, through ``fastdl.kernels.cudalib``.
 """
 
 import contextlib
@@ -31,8 +31,9 @@ def _check_device_name(name, argument):
 
 
 def cuda_module():
-    """``numba.cuda``, imported on first use (it costs ~0.15 s)."""
-    from numba import cuda
+    """``numba.cuda``, imported on first use (it costs ~0.15 s) through fastdl's one door to
+    it, ``fastdl.kernels.cudalib``."""
+    from fastdl.kernels.cudalib import cuda
 
     return cuda
 

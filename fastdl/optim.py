@@ -32,7 +32,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _checks
-from .device import get_device, is_device_array, require_cuda
+from ._backends import CpuBackend, CudaBackend
+from .device import get_device, is_device_array, require_cuda, to_host
 
 
 class StepInfo(NamedTuple):
@@ -106,27 +107,32 @@ class _Optimizer:
         flat = [p for group in groups for p in group["params"]]
         self._check_params(flat, bool(population))
         self.population = bool(population)
-        self.n_models = flat[0].shape[0] if population else 1
+        self.n_models = int(flat[0].shape[0]) if population else 1
         self._k = self.n_models if population else None  # K for hyperparameter checks
-        self.dtype = flat[0].dtype
+        self.dtype = np.dtype(flat[0].dtype)
         self.param_groups = groups
-        self._params = flat
-        self._shapes = [p.shape for p in flat]
-        self._sizes = np.array([p.size for p in flat], np.int64)
+        self._group_indices = []
+        for group in groups:
+            first = sum(len(g) for g in self._group_indices)
+            self._group_indices.append(list(range(first, first + len(group["params"]))))
 
         # Hyperparameters as float64 (groups, K, columns): refreshed from param_groups each
         # step, re-validating only what changed (group values are user-settable, as in torch).
-        from fastdl.kernels import config  # compiles nothing yet
-        from fastdl.kernels import optim as kernels
+        from fastdl.kernels import optim as kernels  # compiles nothing yet
 
-        self._kernels, self._config = kernels, config
+        self._kernels = kernels
         n_columns = sum(2 if key == "betas" else 1 for key in self._defaults)
         self._hyper = np.zeros((len(groups), self.n_models, n_columns))
         self._seen = [dict() for _ in groups]
         self._refresh_hyper()
 
-        # Per-model options (kernels.optim's model table) and step counts.
-        kernels = self._kernels
+        tensor_groups = [g for g, indices in enumerate(self._group_indices) for _ in indices]
+        backend = CudaBackend if self.device == "cuda" else CpuBackend
+        self._backend = backend(flat, tensor_groups, self.n_models, self._kernel_name)
+        self._params = self._backend.params  # numba views of __cuda_array_interface__ objects
+        self._shapes, self._sizes = self._backend.shapes, self._backend.sizes
+
+        # Per-model options (kernels.optim's model table), step counts, step results.
         self._model = np.zeros((self.n_models, kernels.MODEL_COLUMNS))
         self._steps = np.zeros(self.n_models, np.int64)
         self._active = np.ones(self.n_models, np.bool_)
@@ -134,21 +140,13 @@ class _Optimizer:
         self._nonfinite = np.zeros(self.n_models, np.bool_)
         n_coef = getattr(kernels, self._kernel_name.upper() + "_COLUMNS")
         self._coef = np.zeros((len(groups) * self.n_models, n_coef), self.dtype)
-        self._empty = np.zeros(0, self.dtype)
+        self._coefficients = getattr(kernels, self._kernel_name + "_coefficients")
         self._state = {}
         self._state_args = None  # the update kernel's state arguments, once allocated
-        self._plan_chunks(groups)
-        self._grads_seen = None
         self.grad_scale = grad_scale
         self.max_grad_norm = max_grad_norm
         self.skip_nonfinite = skip_nonfinite
         self._set_ema_decay(ema_decay)
-
-        self._coefficients = getattr(kernels, self._kernel_name + "_coefficients")
-        serial, parallel = getattr(kernels, self._kernel_name + "_update")
-        total = int(self._sizes.sum())
-        self._parallel = total >= config.PARALLEL_MIN_SIZE
-        self._update = parallel if self._parallel else serial
 
     # -- construction ----------------------------------------------------------------------
 
@@ -187,75 +185,39 @@ class _Optimizer:
         return groups
 
     def _check_params(self, params, population):
+        """Check the params; sets ``self.device`` from where they live."""
         first = params[0]
+        self.device = "cuda" if is_device_array(first) else "cpu"
+        if self.device == "cuda":
+            require_cuda()
         seen = set()
         for j, p in enumerate(params):
-            if is_device_array(p):
-                raise NotImplementedError(
-                    f"params[{j}] is a GPU array; the CUDA path of fastdl.optim is not built "
-                    "yet: use NumPy arrays (fd.to_host)")
-            if not isinstance(p, np.ndarray):
-                raise TypeError(f"params[{j}] must be a NumPy array; got {_checks.describe(p)}")
+            on_gpu = is_device_array(p)
+            if on_gpu != (self.device == "cuda"):
+                where = "a GPU array" if on_gpu else f"a {type(p).__name__} on the host"
+                raise TypeError(f"params[{j}] is {where} but params[0] is on {self.device}: all "
+                                "params must live on one device")
+            if not on_gpu and not isinstance(p, np.ndarray):
+                raise TypeError(f"params[{j}] must be a NumPy array or a GPU array; got "
+                                f"{_checks.describe(p)}")
             if p.dtype not in _checks.FLOAT_DTYPES:
                 raise TypeError(f"params[{j}] must have dtype float32 or float64; got {p.dtype}")
             if p.dtype != first.dtype:
                 raise TypeError(f"params[{j}] has dtype {p.dtype} but params[0] has "
                                 f"{first.dtype}: all params must share one dtype")
-            if not p.flags.c_contiguous:
+            if not _c_contiguous(p):
                 raise ValueError(f"params[{j}] must be C-contiguous (updated in place, never "
                                  "copied); allocate it with np.ascontiguousarray or flat_params")
-            if not p.flags.writeable:
+            if not on_gpu and not p.flags.writeable:
                 raise ValueError(f"params[{j}] is read-only; the optimizer updates it in place")
             if id(p) in seen:
                 raise ValueError(f"params[{j}] appears more than once in params")
             seen.add(id(p))
-            if population and (p.ndim == 0 or p.shape[0] != first.shape[0] or
-                               first.ndim == 0):
+            shape, first_shape = tuple(p.shape), tuple(first.shape)
+            if population and (not shape or not first_shape or shape[0] != first_shape[0]):
                 raise ValueError(f"with population=True every param has a leading axis of K "
-                                 f"models; params[{j}] has shape {p.shape}, params[0] "
-                                 f"{first.shape}")
-
-    def _plan_chunks(self, groups):
-        """Chunk tables (kernels.optim's docstring) for separate grads and, when the params are
-        one contiguous run of memory, for grads laid out the same way."""
-        config = self._config
-        K = self.n_models
-        total = int(self._sizes.sum())
-        chunk = min(config.MAX_CHUNK_SIZE,
-                    max(config.MIN_CHUNK_SIZE, -(-total // (4 * config.threads()))))
-        self._itemsize = self.dtype.itemsize
-        offsets = np.concatenate([[0], np.cumsum(self._sizes)])
-        self._offsets = offsets
-        group_of = [g for g, group in enumerate(groups) for _ in group["params"]]
-        segments = []  # (tensor, model, row, lo, hi, state)
-        for j, size in enumerate(self._sizes):
-            per_model = int(size) // K
-            for k in range(K):
-                lo = k * per_model
-                segments.append([j, k, group_of[j] * K + k, lo, lo + per_model,
-                                 offsets[j] + lo])
-        self._chunks_separate = _split(segments, chunk)
-        addresses = np.array([p.__array_interface__["data"][0] for p in self._params],
-                             np.int64)
-        self._param_addresses = addresses
-        consecutive = np.all(addresses[1:] == addresses[:-1] + self._sizes[:-1]
-                             * self._itemsize)
-        self._chunks_flat = None
-        if consecutive:
-            merged = []
-            for j, k, row, lo, hi, _ in segments:
-                start = offsets[j] + lo
-                if merged and merged[-1][2] == row and merged[-1][4] == start:
-                    merged[-1][4] = start + hi - lo
-                else:
-                    merged.append([0, k, row, start, start + hi - lo, start])
-            self._chunks_flat = _split(merged, chunk)
-            self._param_base = addresses[:1].copy()
-        self._group_indices = []
-        start = 0
-        for group in groups:
-            self._group_indices.append(list(range(start, start + len(group["params"]))))
-            start += len(group["params"])
+                                 f"models; params[{j}] has shape {shape}, params[0] "
+                                 f"{first_shape}")
 
     # -- hyperparameters ---------------------------------------------------------------------
 
@@ -373,8 +335,8 @@ class _Optimizer:
             decay = _checks.hyperparameter(value, "ema_decay", self._k,
                                            _checks.closed_unit_interval)
             self._model[:, self._kernels.EMA_DECAY] = decay
-            self._ema = np.concatenate([p.reshape(-1) for p in self._params])
-            self.ema_params = self._views(self._ema)
+            self._ema = self._backend.concatenate(self._params)
+            self.ema_params = self._backend.views(self._ema)
         self._ema_decay = value
 
     # -- state -----------------------------------------------------------------------------
@@ -383,36 +345,20 @@ class _Optimizer:
         """The flat state arrays in ``names`` order, allocating missing ones as zeros."""
         for name in self._needed_state():
             if name not in self._state:
-                self._state[name] = self._zeros()
-        return [self._state.get(name, self._empty) for name in names]
-
-    def _zeros(self):
-        """A zeroed flat state buffer, written now.
-
-        Not ``np.zeros``: calloc hands out lazily mapped small pages, which fault on the first
-        step and, with transparent huge pages in "madvise" mode, stay small pages (TLB misses:
-        fused Adam on 1e7 elements ran ~25 % slower). NumPy's own allocator asks for huge pages.
-        """
-        buffer = np.empty(int(self._sizes.sum()), self.dtype)
-        buffer.fill(0)
-        return buffer
+                self._state[name] = self._backend.zeros(self._backend.total)
+        return [self._state.get(name, self._backend.placeholder) for name in names]
 
     def _needed_state(self):
         """Names of the state buffers the current hyperparameters need."""
         return self._known_state()
-
-    def _views(self, flat):
-        return [flat[self._offsets[j]:self._offsets[j + 1]].reshape(s)
-                for j, s in enumerate(self._shapes)]
 
     def state_dict(self):
         """Host copies of the state, step counts, hyperparameters and options."""
         return {
             "optimizer": type(self).__name__,
             "step": self._steps.copy(),
-            "state": {name: [v.copy() for v in self._views(buf)]
-                      for name, buf in self._state.items()},
-            "ema": None if self._ema is None else [v.copy() for v in self._views(self._ema)],
+            "state": {name: self._host_copies(buf) for name, buf in self._state.items()},
+            "ema": None if self._ema is None else self._host_copies(self._ema),
             "param_groups": [{"params": list(indices),
                               **{k: _copy(group[k]) for k in self._defaults}}
                              for group, indices in zip(self.param_groups,
@@ -422,6 +368,9 @@ class _Optimizer:
                         "skip_nonfinite": self.skip_nonfinite,
                         "ema_decay": _copy(self.ema_decay)},
         }
+
+    def _host_copies(self, flat):
+        return [self._backend.to_host(v) for v in self._backend.views(flat)]
 
     def load_state_dict(self, state_dict):
         """Restore :meth:`state_dict`'s output (host arrays) so that training continues
@@ -489,70 +438,18 @@ class _Optimizer:
             else:
                 target = self._state.get(name)
                 if target is None:
-                    target = self._state[name] = self._zeros()
-            for view, a in zip(self._views(target), arrays):
-                view[...] = a if isinstance(a, np.ndarray) else a.copy_to_host()
+                    target = self._state[name] = self._backend.zeros(self._backend.total)
+            for view, a in zip(self._backend.views(target), arrays):
+                self._backend.write(view, a if isinstance(a, np.ndarray) else to_host(a))
         for name in list(self._state):
             if name not in tensors:
-                self._state[name][:] = 0
+                self._state[name] = self._backend.zeros(self._backend.total)
 
     def _known_state(self):
         """Names of every state buffer, in the update kernel's argument order (torch's names)."""
         raise NotImplementedError
 
     # -- the step --------------------------------------------------------------------------
-
-    def _grad_addresses(self, grads):
-        """Check the grads; return (param addresses, grad addresses, chunk table).
-
-        Cached on the identity of the grad arrays: training loops usually pass the same
-        buffers every step, and fetching 200 addresses costs ~100 µs.
-        """
-        if self._grads_seen is not None and len(grads) == len(self._grads_seen) and all(
-                map(operator.is_, grads, self._grads_seen)):
-            # Same arrays as last step: still check what can change in place.
-            for j, g in enumerate(grads):
-                if g.shape != self._shapes[j] or g.dtype != self.dtype:
-                    self._grad_error(j, g)
-            return self._grads_plan
-        if len(grads) != len(self._shapes):
-            raise ValueError(f"grads must hold one array per param ({len(self._shapes)}); got "
-                             f"{len(grads)}")
-        address = self._kernels_address()
-        addresses = np.empty(len(grads), np.int64)
-        for j, g in enumerate(grads):
-            if not (isinstance(g, np.ndarray) and g.dtype == self.dtype
-                    and g.shape == self._shapes[j] and g.flags.c_contiguous):
-                self._grad_error(j, g)
-            addresses[j] = address(g)
-        plan = (self._param_addresses, addresses, self._chunks_separate)
-        if self._chunks_flat is not None and np.all(
-                addresses[1:] == addresses[:-1] + self._sizes[:-1] * self._itemsize):
-            plan = (self._param_base, addresses[:1].copy(), self._chunks_flat)
-        self._grads_seen = list(grads)
-        self._grads_plan = plan
-        return plan
-
-    def _grad_error(self, j, g):
-        p = self._params[j]
-        if is_device_array(g):
-            raise TypeError(f"grads[{j}] is a GPU array but params[{j}] is a NumPy array: "
-                            "params and grads must live on one device")
-        if not isinstance(g, np.ndarray):
-            raise TypeError(f"grads[{j}] must be a NumPy array; got {_checks.describe(g)}")
-        if g.dtype != p.dtype:
-            raise TypeError(f"grads[{j}] must have dtype {p.dtype} like params[{j}]; got "
-                            f"{g.dtype}")
-        if g.shape != p.shape:
-            raise ValueError(f"grads[{j}] must have shape {p.shape} like params[{j}]; got "
-                             f"{g.shape}")
-        raise ValueError(f"grads[{j}] must be C-contiguous (read in place, never copied); "
-                         "pass np.ascontiguousarray(g)")
-
-    def _kernels_address(self):
-        from fastdl.kernels.pointers import address
-
-        return address
 
     def step(self, grads):
         """Apply one update with ``grads`` (one array per param, in param order).
@@ -563,17 +460,15 @@ class _Optimizer:
         if isinstance(grads, np.ndarray):
             raise TypeError("grads must be a list of arrays, one per param; got a single "
                             f"{_checks.describe(grads)}")
-        grads = list(grads)
-        param_addresses, grad_addresses, chunks = self._grad_addresses(grads)
+        backend = self._backend
+        plan = backend.prepare(list(grads))
         if self._refresh_hyper() or self._state_args is None:
             self._state_args = self._state_buffers(self._known_state())
-        measure = self._skip_nonfinite or self._max_grad_norm is not None
-        if measure:
-            self._kernels.grad_stats(grad_addresses, chunks, self._model, self._coef,
-                                     self._parallel, self._sumsq, self._nonfinite)
+        if self._skip_nonfinite or self._max_grad_norm is not None:
+            backend.grad_stats(plan, self._model, self._coef, self._sumsq, self._nonfinite)
         self._run_coefficients()
-        self._update(param_addresses, grad_addresses, chunks, self._coef, self._active,
-                     *self._state_args, self._empty if self._ema is None else self._ema)
+        backend.update(plan, self._coef, self._active, self._state_args,
+                       backend.placeholder if self._ema is None else self._ema)
         return self._step_info()
 
     def _run_coefficients(self):
@@ -751,3 +646,20 @@ class AdamW(Adam):
                  amsgrad=False, maximize=False, **options):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, **options)
+
+
+def _c_contiguous(a):
+    if isinstance(a, np.ndarray):
+        return a.flags.c_contiguous
+    if hasattr(a, "is_c_contiguous"):
+        return a.is_c_contiguous()
+    interface = a.__cuda_array_interface__
+    strides = interface.get("strides")
+    if strides is None:
+        return True
+    expected, step = [], np.dtype(interface["typestr"]).itemsize
+    for n in reversed(interface["shape"]):
+        expected.append(step)
+        step *= n
+    return all(s == e or n == 1 for s, e, n in zip(strides, reversed(expected),
+                                                    interface["shape"]))

@@ -91,7 +91,7 @@ def adam_element(p, g, m, v, vmax, gmul, wd, decay, beta1, one_minus_beta1, beta
     m = beta1 * m + one_minus_beta1 * d
     v = beta2 * v + one_minus_beta2 * d * d
     if amsgrad:
-        vmax = max(vmax, v)
+        vmax = v if v > vmax else vmax  # not max(): a device function the PTX check can't build
         denom = math.sqrt(vmax) / bias_correction2_sqrt + eps
     else:
         denom = math.sqrt(v) / bias_correction2_sqrt + eps

@@ -86,8 +86,8 @@ def test_matches_reference(kind, hyper, options, size, dtype, rng):
 def test_parallel_and_serial_kernels_are_both_exercised(rng):
     small = fd.optim.Adam([np.zeros(7, np.float32)])
     large = fd.optim.Adam([np.zeros((200, 200), np.float32)])
-    assert not small._parallel and large._parallel
-    assert large._chunks_separate.shape[0] >= 2  # both threads get work
+    assert not small._backend.parallel and large._backend.parallel
+    assert large._backend.separate.shape[0] >= 2  # both threads get work
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
@@ -101,12 +101,12 @@ def test_flat_params_run_as_one_contiguous_kernel(dtype, rng):
     # whole buffer, with one address
     grads = fd.optim.flat_params(shapes, dtype)
     opt.step(grads)
-    param_addresses, grad_addresses, chunks = opt._grads_plan
-    assert chunks is opt._chunks_flat and grad_addresses.shape == (1,)
+    param_addresses, grad_addresses, chunks = opt._backend._plan
+    assert chunks is opt._backend.flat and grad_addresses.shape == (1,)
     assert chunks[:, 0].max() == 0  # every chunk addresses the one buffer
     # separate grads still work on flat params
     opt.step([np.ascontiguousarray(g) + 0 for g in grads])
-    assert opt._grads_plan[2] is opt._chunks_separate
+    assert opt._backend._plan[2] is opt._backend.separate
 
 
 def test_hundreds_of_separate_arrays(rng):

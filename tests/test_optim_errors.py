@@ -185,6 +185,12 @@ def test_bad_state_dict_changes_nothing(rng):
     assert opt.lr == 0.01
 
 
-def test_gpu_params_are_refused_clearly_on_the_cpu_path():
-    with pytest.raises(NotImplementedError, match="CUDA path"):
+@pytest.mark.skipif(fd.cuda_available(), reason="a usable GPU is present")
+def test_gpu_params_without_a_gpu_are_a_clear_error():
+    with pytest.raises(RuntimeError, match="no usable CUDA GPU"):
         fd.optim.Adam([FakeDeviceArray((3,), np.float32)])
+
+
+def test_params_on_two_devices_are_refused():
+    with pytest.raises(TypeError, match=r"params\[1\] is a GPU array but params\[0\] is on cpu"):
+        fd.optim.Adam([np.zeros(3, np.float32), FakeDeviceArray((3,), np.float32)])
