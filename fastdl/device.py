@@ -95,8 +95,9 @@ def require_cuda():
 
 def is_device_array(x):
     """True for GPU arrays: numba device arrays or objects with ``__cuda_array_interface__``."""
-    kind = type(x)
-    return hasattr(kind, "__cuda_array_interface__") or kind.__module__.startswith("numba.cuda")
+    if isinstance(x, np.ndarray):
+        return False
+    return type(x).__module__.startswith("numba.cuda") or hasattr(x, "__cuda_array_interface__")
 
 
 def location(x):

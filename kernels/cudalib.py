@@ -7,6 +7,10 @@ each per launch) the default launch configuration is small, so user code runs th
 sensible speed, not only the tests.
 """
 
+import os
+import re
+import subprocess
+import tempfile
 from collections import Counter
 
 import numpy as np
@@ -98,3 +102,49 @@ def span(x, n):
         return FakeCUDAArray(np.lib.stride_tricks.as_strided(host, (n,), host.strides))
     interface = dict(x.__cuda_array_interface__, shape=(n,), strides=None)
     return cuda.from_cuda_array_interface(interface, owner=x)
+
+
+# -- verification without a GPU: PTX from NVVM, SASS from ptxas ---------------------------------
+
+CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+
+
+def ptxas_path():
+    """The ptxas of ``CUDA_HOME`` (default /usr/local/cuda), or None."""
+    path = os.path.join(CUDA_HOME, "bin", "ptxas")
+    return path if os.access(path, os.X_OK) else None
+
+
+def compile_ptx(dispatcher, signature, cc):
+    """PTX of a registered kernel for one signature and compute capability, without a GPU.
+
+    numba's built-in CUDA target compiles *device* functions for the current device's compute
+    capability, which needs a driver; here the requested ``cc`` stands in for that device.
+    """
+    from numba.cuda import dispatcher as cuda_dispatcher
+
+    class _Device:
+        compute_capability = cc
+
+    current = cuda_dispatcher.get_current_device
+    cuda_dispatcher.get_current_device = lambda: _Device
+    try:
+        ptx, _ = cuda.compile_ptx(dispatcher.py_func, signature, cc=cc)
+    finally:
+        cuda_dispatcher.get_current_device = current
+    return ptx
+
+
+def ptxas(ptx, cc):
+    """Assemble PTX to SASS with ``ptxas -v``: (registers per thread, spill bytes)."""
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as f:
+            f.write(ptx)
+        result = subprocess.run([ptxas_path(), "-v", f"-arch=sm_{cc[0]}{cc[1]}", source,
+                                 "-o", os.path.join(folder, "kernel.cubin")],
+                                capture_output=True, text=True, check=True)
+    registers = max(int(r) for r in re.findall(r"Used (\d+) registers", result.stderr))
+    spills = sum(int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)",
+                                            result.stderr))
+    return registers, spills

@@ -3,10 +3,11 @@ float32 and float64, sizes reaching the serial and the parallel kernel."""
 
 import numpy as np
 import pytest
-from conftest import assert_close
-from reference import ReferenceOptimizer
 
 import fastdl as fd
+
+from helpers import assert_close
+from reference import ReferenceOptimizer
 
 CLASSES = {"sgd": fd.optim.SGD, "momentum": fd.optim.Momentum, "rmsprop": fd.optim.RMSprop,
            "adam": fd.optim.Adam, "adamw": fd.optim.AdamW}

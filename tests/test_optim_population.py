@@ -3,9 +3,10 @@ k's hyperparameters, and one model's NaN never stops or rescales another."""
 
 import numpy as np
 import pytest
-from conftest import assert_close
 
 import fastdl as fd
+
+from helpers import assert_close
 
 K = 3
 SHAPES = [(K, 33, 5), (K, 5)]

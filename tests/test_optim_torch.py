@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
-from conftest import assert_close
 
 import fastdl as fd
+
+from helpers import assert_close
 
 torch = pytest.importorskip("torch")
 

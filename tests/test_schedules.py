@@ -4,10 +4,11 @@ import math
 
 import numpy as np
 import pytest
-import reference
 
 import fastdl as fd
 from fastdl import schedules
+
+import reference
 
 EPOCHS = range(0, 30)
 

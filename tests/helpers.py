@@ -1,0 +1,14 @@
+"""Comparison helpers shared by the CPU and CUDA test suites."""
+
+import numpy as np
+
+# SPEC.md's tolerances: optimizers after >= 10 steps.
+OPTIM_TOLERANCE = {np.float32: dict(rtol=1e-4, atol=1e-5), np.float64: dict(rtol=1e-9, atol=1e-11)}
+
+
+def assert_close(got, want, dtype, tolerance=None, what=""):
+    """Elementwise |got - want| <= atol + rtol * |want|, with the failing element reported."""
+    tol = (tolerance or OPTIM_TOLERANCE)[np.dtype(dtype).type]
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    np.testing.assert_allclose(got, want, err_msg=what, **tol)
