@@ -51,7 +51,7 @@ def registry_cases():
 @pytest.mark.skipif(cudalib.SIMULATOR, reason="PTX needs numba's real CUDA target")
 @pytest.mark.skipif(cudalib.ptxas_path() is None, reason="no CUDA toolkit (ptxas)")
 @pytest.mark.parametrize("cc", [(8, 0), (9, 0)], ids=["sm_80", "sm_90"])
-@pytest.mark.parametrize("name, dispatcher, signature", registry_cases())
+@pytest.mark.parametrize("name, dispatcher, signature", list(registry_cases()))
 def test_kernel_compiles_to_sass_without_f64_or_spills(name, dispatcher, signature, cc,
                                                        record_property):
     ptx = cudalib.compile_ptx(dispatcher, signature, cc)

@@ -174,3 +174,25 @@ def test_host_grads_for_device_params_are_refused_before_anything_changes():
 def test_default_launch_configuration_is_small_in_the_simulator():
     if cudalib.SIMULATOR:
         assert cudalib.THREADS_PER_BLOCK <= 64 and cudalib.MAX_BLOCKS <= 4
+
+
+def test_parameter_groups_on_the_device_match_the_cpu():
+    rng = np.random.default_rng(4)
+    shapes = [(5, 4), (4,), (9,)]
+    params = [rng.standard_normal(s).astype(np.float64) for s in shapes]
+    gpu_params = device(params)
+
+    def groups(p):
+        return [{"params": p[:2], "lr": 0.1, "weight_decay": 0.1},
+                {"params": p[2:], "betas": (0.5, 0.9), "amsgrad": True}]
+
+    gpu = fd.optim.Adam(groups(gpu_params), lr=0.01)
+    cpu = fd.optim.Adam(groups(params), lr=0.01)
+    for t in range(STEPS):
+        if t == 1:
+            gpu.param_groups[1]["lr"] = cpu.param_groups[1]["lr"] = 0.003
+        grads = [rng.standard_normal(s) for s in shapes]
+        gpu.step(device(grads))
+        cpu.step(grads)
+    for p, q in zip(gpu_params, params):
+        assert_close(p.copy_to_host(), q, np.float64)
