@@ -6,11 +6,15 @@ are cached on disk.
 
 from . import optim, schedules
 from .averages import ewa
+from .batchnorm import BatchNormCache, batch_norm_backward, batch_norm_forward
 from .device import cuda_available, get_device, set_device, to_device, to_host, use_device
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNormCache",
+    "batch_norm_backward",
+    "batch_norm_forward",
     "cuda_available",
     "ewa",
     "get_device",

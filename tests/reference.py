@@ -135,3 +135,46 @@ def ewa(values, beta, bias_correction=True):
         v = beta * v + (1 - beta) * theta
         out.append(v / (1 - beta ** t) if bias_correction else v)
     return np.array(out)
+
+
+def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True, momentum=0.1,
+                       eps=1e-5, channel_axis=1):
+    """SPEC.md's batch norm, for one model, in float64. Returns y, the new running statistics
+    (or None), and what backward needs. Statistics per channel over every other axis."""
+    x = np.asarray(x, np.float64)
+    axis = channel_axis % x.ndim
+    others = tuple(a for a in range(x.ndim) if a != axis)
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    m = x.size // x.shape[axis]
+    gamma = np.ones(x.shape[axis]) if gamma is None else np.asarray(gamma, np.float64)
+    beta = np.zeros(x.shape[axis]) if beta is None else np.asarray(beta, np.float64)
+    new_mean = new_var = None
+    if training:
+        mu = x.mean(axis=others)
+        var = ((x - mu.reshape(shape)) ** 2).mean(axis=others)
+        if running_mean is not None:
+            new_mean = (1 - momentum) * running_mean + momentum * mu
+            new_var = (1 - momentum) * running_var + momentum * var * m / (m - 1)
+    else:
+        mu = np.asarray(running_mean, np.float64)
+        var = np.asarray(running_var, np.float64)
+    inv_std = 1 / np.sqrt(var + eps)
+    xhat = (x - mu.reshape(shape)) * inv_std.reshape(shape)
+    y = gamma.reshape(shape) * xhat + beta.reshape(shape)
+    return y, new_mean, new_var, (xhat, inv_std, gamma, shape, others, m, training)
+
+
+def batch_norm_backward(dy, saved):
+    """dbeta = sum(dy); dgamma = sum(dy * xhat); training:
+    dx = gamma * inv_std * (dy - dbeta/m - xhat * dgamma/m); test time: gamma * inv_std * dy."""
+    xhat, inv_std, gamma, shape, others, m, training = saved
+    dy = np.asarray(dy, np.float64)
+    dbeta = dy.sum(axis=others)
+    dgamma = (dy * xhat).sum(axis=others)
+    scale = (gamma * inv_std).reshape(shape)
+    if training:
+        dx = scale * (dy - dbeta.reshape(shape) / m - xhat * dgamma.reshape(shape) / m)
+    else:
+        dx = scale * dy
+    return dx, dgamma, dbeta
