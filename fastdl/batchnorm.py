@@ -107,9 +107,9 @@ def _check_out(out, name, like, forbid_overlap=None):
 
 
 def _split_mean(mean, dtype):
-    """The mean as a float of the storage dtype plus its rounding error (both that dtype)."""
-    hi = mean.astype(dtype)
-    return hi, (mean - hi).astype(dtype)
+    """The float64 mean as the nearest float of the storage dtype, and the (float64) rest."""
+    near = mean.astype(dtype)
+    return near, mean - near
 
 
 def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True, momentum=0.1,
@@ -154,7 +154,7 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True,
     plan = kernels.plan(*view)
     x_view = x.reshape(plan.view_shape)
     if training:
-        shift = np.ascontiguousarray(x.reshape(view)[:, 0, :, 0], np.float64)
+        shift = np.ascontiguousarray(x.reshape(view)[:, 0, :, 0])  # one sample per channel
         s1, s2 = kernels.channel_comoments(plan, x_view, x_view, shift, shift)
         centered_mean = s1 / m
         mean = shift + centered_mean
@@ -169,12 +169,13 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True,
         var = running_var.reshape(n_models, channels).astype(np.float64)
     inv_std = 1.0 / np.sqrt(var + eps)
     gamma64 = 1.0 if gamma is None else gamma.reshape(n_models, channels).astype(np.float64)
-    scale = (gamma64 * inv_std).astype(x.dtype)
-    shift_out = (np.zeros((n_models, channels), x.dtype) if beta is None
-                 else np.ascontiguousarray(beta.reshape(n_models, channels)))
+    beta64 = 0.0 if beta is None else beta.reshape(n_models, channels).astype(np.float64)
+    scale = gamma64 * inv_std
+    # y = (x - mean_near) * scale + (beta - (mean - mean_near) * scale)
+    mean_near, mean_error = _split_mean(mean, x.dtype)
     y = np.empty_like(x) if out is None else out
-    mean_hi, mean_lo = _split_mean(mean, x.dtype)
-    kernels.affine(plan, x_view, mean_hi, mean_lo, scale, shift_out, y.reshape(plan.view_shape))
+    kernels.affine(plan, x_view, mean_near, scale.astype(x.dtype),
+                   (beta64 - mean_error * scale).astype(x.dtype), y.reshape(plan.view_shape))
     shape = per_channel
     cache = BatchNormCache(x, mean.reshape(shape), inv_std.reshape(shape), gamma,
                            bool(training), axis, bool(population), m, plan)
@@ -205,10 +206,11 @@ def batch_norm_backward(dy, cache, out=None):
     mean = cache.mean.reshape(n_models, channels)
     inv_std = cache.inv_std.reshape(n_models, channels)
     x_view, dy_view = x.reshape(plan.view_shape), dy.reshape(plan.view_shape)
-    sum_dy, sum_dy_xc = kernels.channel_comoments(plan, dy_view, x_view,
-                                                  np.zeros_like(mean), mean)
+    mean_near, mean_error = _split_mean(mean, x.dtype)
+    sum_dy, sum_dy_xnear = kernels.channel_comoments(plan, dy_view, x_view,
+                                                     np.zeros_like(mean_near), mean_near)
     dbeta = sum_dy
-    dgamma = sum_dy_xc * inv_std
+    dgamma = (sum_dy_xnear - mean_error * sum_dy) * inv_std  # sum(dy * (x - mean)) * inv_std
     gamma = (1.0 if cache.gamma is None
              else cache.gamma.reshape(n_models, channels).astype(np.float64))
     a = gamma * inv_std * np.ones_like(mean)
@@ -218,8 +220,7 @@ def batch_norm_backward(dy, cache, out=None):
     else:
         b = c0 = np.zeros_like(mean)
     dx = np.empty_like(x) if out is None else out
-    mean_hi, mean_lo = _split_mean(mean, x.dtype)
-    kernels.input_grad(plan, dy_view, x_view, a.astype(x.dtype), b.astype(x.dtype), mean_hi,
-                       mean_lo, c0.astype(x.dtype), dx.reshape(plan.view_shape))
+    kernels.input_grad(plan, dy_view, x_view, a.astype(x.dtype), b.astype(x.dtype), mean_near,
+                       (c0 - b * mean_error).astype(x.dtype), dx.reshape(plan.view_shape))
     shape = cache.mean.shape
     return dx, dgamma.reshape(shape).astype(x.dtype), dbeta.reshape(shape).astype(x.dtype)

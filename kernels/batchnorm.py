@@ -5,24 +5,31 @@ A C-contiguous input with channel axis ``a`` is viewed, without a copy, as
 before ``a``, ``inner`` = the product of the axes after it. Two loop orders read memory in
 order:
 
-* *runs* (``inner > 1``: (N, C, H, W), the notes' (features, examples)): a work item is a range
-  of one channel's elements, which are runs of ``inner`` contiguous values;
-* *rows* (``inner == 1``: (N, C), channels-last): a work item is a block of rows, each row
-  holding every channel side by side; the loop over channels vectorizes.
+* *runs* (``inner > 1``: (N, C, H, W), the notes' (features, examples)): the innermost loop
+  runs along ``inner`` contiguous values of one channel;
+* *rows* (``inner == 1``: (N, C), channels-last): each row holds every channel side by side,
+  and the innermost loop runs across the channels.
+
+Both visit memory in order, a block of rows (then of channels, then of positions) per work
+item.
 
 Work items run under ``prange`` (a serial twin below ``PARALLEL_MIN_SIZE`` elements); each
 writes its own partial sums, which the host adds up per channel in float64.
 
 Two kinds of pass, shared by forward and backward:
 
-1. ``comoment``: per channel, ``s1 = sum(u - ku)`` and ``s2 = sum((u - ku) * (v - kv))`` in
-   float64. Forward: u = v = x shifted by one sample of its channel (ku = kv), which gives the
-   mean and a variance free of the cancellation of E[x²] - E[x]² when the mean is large against
-   the spread. Backward: u = dy, ku = 0, v = x, kv = mean: sum(dy) and sum(dy * (x - mean)).
+1. ``comoment``: per channel, ``s1 = sum(u - ku)`` and ``s2 = sum((u - ku) * (v - kv))``,
+   carried in float64. Forward: u = v = x shifted by one sample of its channel (ku = kv), which
+   gives the mean and a variance free of the cancellation of E[x²] - E[x]² when the mean is
+   large against the spread. Backward: u = dy, ku = 0, v = x, kv = mean: sum(dy) and
+   sum(dy * (x - mean)).
 2. elementwise, with per-channel coefficients in the storage dtype: ``affine`` writes
-   ``y = (x - mean_hi - mean_lo) * scale + shift`` and ``input_grad`` writes
-   ``dx = a * dy + b * (x - mean_hi - mean_lo) + c``. The mean is split into a float in the
-   storage dtype and its rounding error, so that x - mean keeps full precision at mean 1e4.
+   ``y = (x - mean) * scale + shift`` and ``input_grad`` writes
+   ``dx = a * dy + b * (x - mean) + c``.
+
+The mean passed to the kernels is the float of the storage dtype nearest the float64 mean; the
+host folds its rounding error into ``shift`` / ``c`` (and the sums), so that x - mean keeps
+full precision when the mean is large against the spread (mean 1e4, unit spread, float32).
 """
 
 from collections import namedtuple
@@ -32,103 +39,117 @@ from numba import prange
 
 from .config import MIN_CHUNK_SIZE, PARALLEL_MIN_SIZE, cpu_kernel_pair, threads
 
+# Runs: arrays (K, outer, C, inner); items (n, 7) = (k, o0, o1, c0, c1, i0, i1), a block of
+# rows, channels and positions in the run, visited in memory order. Partial sums: (n, C).
+# Sums are taken in the storage dtype over at most BLOCK values, then carried in float64:
+# float32 speed (no conversion per element), float64-like accuracy.
 # ---------------------------------------------------------------------------------------------
-# Runs: arrays (K, outer, C, inner); items (n, 4) = (k, c, start, stop) over the channel's
-# flattened (outer * inner) elements.
-# ---------------------------------------------------------------------------------------------
+
+BLOCK = 256
+
+# Inner loops run over range(n) on slices: an index that numba cannot prove non-negative gets a
+# wrap-around test per element, which halved the speed of these loops.
 
 
 def _comoment_runs(u, v, ku, kv, items, s1, s2):
-    inner = u.shape[3]
     for w in prange(items.shape[0]):
-        k, c, e, stop = items[w, 0], items[w, 1], items[w, 2], items[w, 3]
-        a, b = ku[k, c], kv[k, c]
-        acc1 = 0.0
-        acc2 = 0.0
-        while e < stop:
-            o = e // inner
-            i0 = e - o * inner
-            i1 = min(inner, i0 + stop - e)
-            ur, vr = u[k, o, c], v[k, o, c]
-            for i in range(i0, i1):
-                du = np.float64(ur[i]) - a
-                acc1 += du
-                acc2 += du * (np.float64(vr[i]) - b)
-            e += i1 - i0
-        s1[w] = acc1
-        s2[w] = acc2
+        k, o0, o1, c0, c1, i0, i1 = (items[w, 0], items[w, 1], items[w, 2], items[w, 3],
+                                     items[w, 4], items[w, 5], items[w, 6])
+        acc1, acc2 = s1[w], s2[w]
+        acc1[:] = 0.0
+        acc2[:] = 0.0
+        for o in range(o0, o1):
+            for c in range(c0, c1):
+                ur, vr = u[k, o, c, i0:i1], v[k, o, c, i0:i1]
+                a, b = ku[k, c], kv[k, c]
+                for start in range(0, ur.shape[0], BLOCK):
+                    ub, vb = ur[start:start + BLOCK], vr[start:start + BLOCK]
+                    t1 = a - a
+                    t2 = a - a
+                    for i in range(ub.shape[0]):
+                        du = ub[i] - a
+                        t1 += du
+                        t2 += du * (vb[i] - b)
+                    acc1[c] += np.float64(t1)
+                    acc2[c] += np.float64(t2)
 
 
-def _affine_runs(x, items, mean_hi, mean_lo, scale, shift, y):
-    inner = x.shape[3]
+def _affine_runs(x, items, mean, scale, shift, y):
     for w in prange(items.shape[0]):
-        k, c, e, stop = items[w, 0], items[w, 1], items[w, 2], items[w, 3]
-        hi, lo, s, t = mean_hi[k, c], mean_lo[k, c], scale[k, c], shift[k, c]
-        while e < stop:
-            o = e // inner
-            i0 = e - o * inner
-            i1 = min(inner, i0 + stop - e)
-            xr, yr = x[k, o, c], y[k, o, c]
-            for i in range(i0, i1):
-                yr[i] = (xr[i] - hi - lo) * s + t
-            e += i1 - i0
+        k, o0, o1, c0, c1, i0, i1 = (items[w, 0], items[w, 1], items[w, 2], items[w, 3],
+                                     items[w, 4], items[w, 5], items[w, 6])
+        for o in range(o0, o1):
+            for c in range(c0, c1):
+                xr, yr = x[k, o, c, i0:i1], y[k, o, c, i0:i1]
+                mu, s, t = mean[k, c], scale[k, c], shift[k, c]
+                for i in range(xr.shape[0]):
+                    yr[i] = (xr[i] - mu) * s + t
 
 
-def _input_grad_runs(dy, x, items, a, b, mean_hi, mean_lo, c0, dx):
-    inner = x.shape[3]
+def _input_grad_runs(dy, x, items, a, b, mean, c0_, dx):
     for w in prange(items.shape[0]):
-        k, c, e, stop = items[w, 0], items[w, 1], items[w, 2], items[w, 3]
-        ak, bk, hi, lo, ck = a[k, c], b[k, c], mean_hi[k, c], mean_lo[k, c], c0[k, c]
-        while e < stop:
-            o = e // inner
-            i0 = e - o * inner
-            i1 = min(inner, i0 + stop - e)
-            dyr, xr, dxr = dy[k, o, c], x[k, o, c], dx[k, o, c]
-            for i in range(i0, i1):
-                dxr[i] = ak * dyr[i] + bk * (xr[i] - hi - lo) + ck
-            e += i1 - i0
+        k, o0, o1, c0, c1, i0, i1 = (items[w, 0], items[w, 1], items[w, 2], items[w, 3],
+                                     items[w, 4], items[w, 5], items[w, 6])
+        for o in range(o0, o1):
+            for c in range(c0, c1):
+                dyr, xr, dxr = dy[k, o, c, i0:i1], x[k, o, c, i0:i1], dx[k, o, c, i0:i1]
+                ak, bk, mu, ck = a[k, c], b[k, c], mean[k, c], c0_[k, c]
+                for i in range(xr.shape[0]):
+                    dxr[i] = ak * dyr[i] + bk * (xr[i] - mu) + ck
 
 
 # ---------------------------------------------------------------------------------------------
-# Rows: arrays (K, outer, C); items (n, 3) = (k, first row, end row).
+# Rows: arrays (K, outer, C) (inner == 1); items (n, 3) = (k, first row, end row). The loop
+# over channels vectorizes; the float64 partial sums are updated once per 4 rows.
 # ---------------------------------------------------------------------------------------------
 
 
 def _comoment_rows(u, v, ku, kv, items, s1, s2):
     n_channels = u.shape[2]
     for w in prange(items.shape[0]):
-        k = items[w, 0]
+        k, o, o1 = items[w, 0], items[w, 1], items[w, 2]
         acc1, acc2, a, b = s1[w], s2[w], ku[k], kv[k]
         acc1[:] = 0.0
         acc2[:] = 0.0
-        for o in range(items[w, 1], items[w, 2]):
-            ur, vr = u[k, o], v[k, o]
+        while o + 4 <= o1:
+            u0, u1, u2, u3 = u[k, o], u[k, o + 1], u[k, o + 2], u[k, o + 3]
+            v0, v1, v2, v3 = v[k, o], v[k, o + 1], v[k, o + 2], v[k, o + 3]
             for c in range(n_channels):
-                du = np.float64(ur[c]) - a[c]
-                acc1[c] += du
-                acc2[c] += du * (np.float64(vr[c]) - b[c])
+                ac, bc = a[c], b[c]
+                d0, d1, d2, d3 = u0[c] - ac, u1[c] - ac, u2[c] - ac, u3[c] - ac
+                acc1[c] += np.float64((d0 + d1) + (d2 + d3))
+                acc2[c] += np.float64((d0 * (v0[c] - bc) + d1 * (v1[c] - bc))
+                                      + (d2 * (v2[c] - bc) + d3 * (v3[c] - bc)))
+            o += 4
+        while o < o1:
+            u0, v0 = u[k, o], v[k, o]
+            for c in range(n_channels):
+                d0 = u0[c] - a[c]
+                acc1[c] += np.float64(d0)
+                acc2[c] += np.float64(d0 * (v0[c] - b[c]))
+            o += 1
 
 
-def _affine_rows(x, items, mean_hi, mean_lo, scale, shift, y):
+def _affine_rows(x, items, mean, scale, shift, y):
     n_channels = x.shape[2]
     for w in prange(items.shape[0]):
         k = items[w, 0]
-        hi, lo, s, t = mean_hi[k], mean_lo[k], scale[k], shift[k]
+        mu, s, t = mean[k], scale[k], shift[k]
         for o in range(items[w, 1], items[w, 2]):
             xr, yr = x[k, o], y[k, o]
             for c in range(n_channels):
-                yr[c] = (xr[c] - hi[c] - lo[c]) * s[c] + t[c]
+                yr[c] = (xr[c] - mu[c]) * s[c] + t[c]
 
 
-def _input_grad_rows(dy, x, items, a, b, mean_hi, mean_lo, c0, dx):
+def _input_grad_rows(dy, x, items, a, b, mean, c0, dx):
     n_channels = x.shape[2]
     for w in prange(items.shape[0]):
         k = items[w, 0]
-        ak, bk, hi, lo, ck = a[k], b[k], mean_hi[k], mean_lo[k], c0[k]
+        ak, bk, mu, ck = a[k], b[k], mean[k], c0[k]
         for o in range(items[w, 1], items[w, 2]):
             dyr, xr, dxr = dy[k, o], x[k, o], dx[k, o]
             for c in range(n_channels):
-                dxr[c] = ak[c] * dyr[c] + bk[c] * (xr[c] - hi[c] - lo[c]) + ck[c]
+                dxr[c] = ak[c] * dyr[c] + bk[c] * (xr[c] - mu[c]) + ck[c]
 
 
 _KERNELS = {name: cpu_kernel_pair(fn) for name, fn in [
@@ -144,23 +165,30 @@ _KERNELS = {name: cpu_kernel_pair(fn) for name, fn in [
 Plan = namedtuple("Plan", "rows items parallel view_shape")
 
 
+def _blocks(n, parts):
+    bounds = np.linspace(0, n, max(1, min(n, parts)) + 1).astype(np.int64)
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
 def plan(n_models, outer, channels, inner):
-    """How to run a (K, outer, C, inner) input: loop order, work items, serial or parallel."""
+    """How to run a (K, outer, C, inner) input: loop order, work items, serial or parallel.
+
+    Work is split along the rows first (memory order), then the channels, then the runs, until
+    there are ~4 items per thread (for load balance) or nothing left to split."""
     total = n_models * outer * channels * inner
     parallel = total >= PARALLEL_MIN_SIZE
-    pieces = 4 * threads() if parallel else 1
+    per_model = -(-4 * threads() // n_models) if parallel else 1
+    row_blocks = _blocks(outer, per_model)
     if inner == 1:
-        blocks = max(1, min(outer, -(-pieces // n_models)))
-        bounds = np.linspace(0, outer, blocks + 1).astype(np.int64)
-        items = [(k, bounds[b], bounds[b + 1]) for k in range(n_models) for b in range(blocks)
-                 if bounds[b + 1] > bounds[b]]
+        items = [(k, o0, o1) for k in range(n_models) for o0, o1 in row_blocks]
         return Plan(True, np.array(items, np.int64), parallel, (n_models, outer, channels))
-    per_channel = outer * inner
-    piece = max(MIN_CHUNK_SIZE, -(-total // pieces))
-    items = [(k, c, start, min(per_channel, start + piece)) for k in range(n_models)
-             for c in range(channels) for start in range(0, per_channel, piece)]
-    return Plan(False, np.array(items, np.int64).reshape(-1, 4), parallel,
-                (n_models, outer, channels, inner))
+    left = -(-per_model // len(row_blocks))
+    channel_blocks = _blocks(channels, left)
+    left = -(-left // len(channel_blocks))
+    run_blocks = _blocks(inner, min(left, -(-inner // MIN_CHUNK_SIZE)))
+    items = [(k, o0, o1, c0, c1, i0, i1) for k in range(n_models) for o0, o1 in row_blocks
+             for c0, c1 in channel_blocks for i0, i1 in run_blocks]
+    return Plan(False, np.array(items, np.int64), parallel, (n_models, outer, channels, inner))
 
 
 def _kernel(name, p):
@@ -169,32 +197,24 @@ def _kernel(name, p):
 
 
 def channel_comoments(p, u, v, ku, kv):
-    """Per (model, channel) float64: sum(u - ku) and sum((u - ku) * (v - kv)).
+    """Per (model, channel), float64: sum(u - ku) and sum((u - ku) * (v - kv)).
 
-    ``u``, ``v``: arrays of ``p.view_shape``; ``ku``, ``kv``: float64 (K, C)."""
+    ``u``, ``v``: arrays of ``p.view_shape``; ``ku``, ``kv``: (K, C) of their dtype."""
     n_models, channels = ku.shape
-    if p.rows:
-        s1 = np.empty((p.items.shape[0], channels))
-        s2 = np.empty_like(s1)
-        _kernel("comoment", p)(u, v, ku, kv, p.items, s1, s2)
-        sum1, sum2 = np.zeros((n_models, channels)), np.zeros((n_models, channels))
-        np.add.at(sum1, p.items[:, 0], s1)
-        np.add.at(sum2, p.items[:, 0], s2)
-        return sum1, sum2
-    s1 = np.empty(p.items.shape[0])
+    s1 = np.empty((p.items.shape[0], channels))
     s2 = np.empty_like(s1)
     _kernel("comoment", p)(u, v, ku, kv, p.items, s1, s2)
-    flat = p.items[:, 0] * channels + p.items[:, 1]
-    size = n_models * channels
-    return (np.bincount(flat, s1, size).reshape(n_models, channels),
-            np.bincount(flat, s2, size).reshape(n_models, channels))
+    sum1, sum2 = np.zeros((n_models, channels)), np.zeros((n_models, channels))
+    np.add.at(sum1, p.items[:, 0], s1)
+    np.add.at(sum2, p.items[:, 0], s2)
+    return sum1, sum2
 
 
-def affine(p, x, mean_hi, mean_lo, scale, shift, y):
-    """y = (x - mean_hi - mean_lo) * scale + shift, per channel coefficients (K, C)."""
-    _kernel("affine", p)(x, p.items, mean_hi, mean_lo, scale, shift, y)
+def affine(p, x, mean, scale, shift, y):
+    """y = (x - mean) * scale + shift, per channel coefficients (K, C) of x's dtype."""
+    _kernel("affine", p)(x, p.items, mean, scale, shift, y)
 
 
-def input_grad(p, dy, x, a, b, mean_hi, mean_lo, c0, dx):
-    """dx = a * dy + b * (x - mean_hi - mean_lo) + c0, per channel coefficients (K, C)."""
-    _kernel("input_grad", p)(dy, x, p.items, a, b, mean_hi, mean_lo, c0, dx)
+def input_grad(p, dy, x, a, b, mean, c0, dx):
+    """dx = a * dy + b * (x - mean) + c0, per channel coefficients (K, C) of x's dtype."""
+    _kernel("input_grad", p)(dy, x, p.items, a, b, mean, c0, dx)
