@@ -155,7 +155,7 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True,
     x_view = x.reshape(plan.view_shape)
     if training:
         shift = np.ascontiguousarray(x.reshape(view)[:, 0, :, 0])  # one sample per channel
-        s1, s2 = kernels.channel_comoments(plan, x_view, x_view, shift, shift)
+        s1, s2 = kernels.channel_moments(plan, x_view, shift)
         centered_mean = s1 / m
         mean = shift + centered_mean
         var = np.maximum(s2 / m - centered_mean * centered_mean, 0.0)
@@ -207,8 +207,7 @@ def batch_norm_backward(dy, cache, out=None):
     inv_std = cache.inv_std.reshape(n_models, channels)
     x_view, dy_view = x.reshape(plan.view_shape), dy.reshape(plan.view_shape)
     mean_near, mean_error = _split_mean(mean, x.dtype)
-    sum_dy, sum_dy_xnear = kernels.channel_comoments(plan, dy_view, x_view,
-                                                     np.zeros_like(mean_near), mean_near)
+    sum_dy, sum_dy_xnear = kernels.channel_comoments(plan, dy_view, x_view, mean_near)
     dbeta = sum_dy
     dgamma = (sum_dy_xnear - mean_error * sum_dy) * inv_std  # sum(dy * (x - mean)) * inv_std
     gamma = (1.0 if cache.gamma is None

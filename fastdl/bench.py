@@ -194,3 +194,88 @@ def run(quick=False):
         print(row)
     if "torch" not in implementations:
         print("\n(PyTorch is not installed: `pip install -e .[compare]` adds it as a baseline)")
+
+
+# -- batch normalization ------------------------------------------------------------------------
+
+
+@dataclass
+class BatchNormCase:
+    """Forward + backward in training mode; ``out`` reuses the y and dx buffers."""
+
+    name: str
+    shape: tuple
+    channel_axis: int = 1
+    out: bool = False
+
+    @property
+    def size(self):
+        return math.prod(self.shape)
+
+
+BATCHNORM_CASES = {
+    "bn_8192x1024": BatchNormCase("(8192, 1024), fresh outputs", (8192, 1024)),
+    "bn_8192x1024_out": BatchNormCase("(8192, 1024), out= buffers", (8192, 1024), out=True),
+    "bn_nchw": BatchNormCase("(64, 64, 56, 56), fresh outputs", (64, 64, 56, 56)),
+    "bn_features_examples": BatchNormCase("(1024, 8192) features x examples, axis 0",
+                                          (1024, 8192), 0),
+    "bn_channels_last": BatchNormCase("(64, 56, 56, 64) channels-last, axis -1",
+                                      (64, 56, 56, 64), -1),
+    "bn_1e6x3": BatchNormCase("(1000000, 3), fresh outputs", (1_000_000, 3)),
+}
+
+
+def textbook_batch_norm(x, gamma, beta, dy, axis, eps=1e-5):
+    """The notes' batch norm forward and backward in NumPy, one temporary per line."""
+    others = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
+    mu = x.mean(axis=others, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=others, keepdims=True)
+    inv_std = 1 / np.sqrt(var + eps)
+    xhat = (x - mu) * inv_std
+    shape = mu.shape
+    y = gamma.reshape(shape) * xhat + beta.reshape(shape)
+    m = x.size // x.shape[axis]
+    dbeta = dy.sum(axis=others)
+    dgamma = (dy * xhat).sum(axis=others)
+    dx = gamma.reshape(shape) * inv_std * (dy - dbeta.reshape(shape) / m
+                                           - xhat * dgamma.reshape(shape) / m)
+    return y, dx, dgamma, dbeta
+
+
+def make_batchnorm_step(case, implementation, seed=0):
+    """A zero-argument callable doing forward + backward (training) of ``case``."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(case.shape, np.float32)
+    dy = rng.standard_normal(case.shape, np.float32)
+    c = case.shape[case.channel_axis]
+    gamma, beta = np.ones(c, np.float32), np.zeros(c, np.float32)
+    running_mean, running_var = np.zeros(c, np.float32), np.ones(c, np.float32)
+    if implementation == "fastdl":
+        from .batchnorm import batch_norm_backward, batch_norm_forward
+
+        y_out = np.empty_like(x) if case.out else None
+        dx_out = np.empty_like(x) if case.out else None
+
+        def step():
+            _, cache = batch_norm_forward(x, gamma, beta, running_mean, running_var,
+                                          channel_axis=case.channel_axis, out=y_out)
+            return batch_norm_backward(dy, cache, out=dx_out)
+
+        return step
+    if implementation == "numpy":
+        return lambda: textbook_batch_norm(x, gamma, beta, dy, case.channel_axis)
+    if implementation == "torch":
+        import torch
+
+        if case.channel_axis != 1:
+            return None  # PyTorch's batch_norm takes channels at axis 1 only
+        tensors = [torch.from_numpy(a).requires_grad_() for a in (x, gamma, beta)]
+        t_mean, t_var, t_dy = map(torch.from_numpy, (running_mean, running_var, dy))
+
+        def step():
+            y = torch.nn.functional.batch_norm(tensors[0], t_mean, t_var, tensors[1],
+                                               tensors[2], training=True)
+            return torch.autograd.grad(y, tensors, t_dy)
+
+        return step
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")

@@ -18,11 +18,10 @@ writes its own partial sums, which the host adds up per channel in float64.
 
 Two kinds of pass, shared by forward and backward:
 
-1. ``comoment``: per channel, ``s1 = sum(u - ku)`` and ``s2 = sum((u - ku) * (v - kv))``,
-   carried in float64. Forward: u = v = x shifted by one sample of its channel (ku = kv), which
-   gives the mean and a variance free of the cancellation of E[x²] - E[x]² when the mean is
-   large against the spread. Backward: u = dy, ku = 0, v = x, kv = mean: sum(dy) and
-   sum(dy * (x - mean)).
+1. reductions per channel, carried in float64: ``moments`` (forward) sums x - s and (x - s)²
+   with s one sample of the channel, which gives the mean and a variance free of the
+   cancellation of E[x²] - E[x]² when the mean is large against the spread; ``comoment``
+   (backward) sums dy and dy * (x - mean).
 2. elementwise, with per-channel coefficients in the storage dtype: ``affine`` writes
    ``y = (x - mean) * scale + shift`` and ``input_grad`` writes
    ``dx = a * dy + b * (x - mean) + c``.
@@ -70,6 +69,28 @@ def _comoment_runs(u, v, ku, kv, items, s1, s2):
                         du = ub[i] - a
                         t1 += du
                         t2 += du * (vb[i] - b)
+                    acc1[c] += np.float64(t1)
+                    acc2[c] += np.float64(t2)
+
+
+def _moments_runs(x, shift, items, s1, s2):
+    for w in prange(items.shape[0]):
+        k, o0, o1, c0, c1, i0, i1 = (items[w, 0], items[w, 1], items[w, 2], items[w, 3],
+                                     items[w, 4], items[w, 5], items[w, 6])
+        acc1, acc2 = s1[w], s2[w]
+        acc1[:] = 0.0
+        acc2[:] = 0.0
+        for o in range(o0, o1):
+            for c in range(c0, c1):
+                xr, a = x[k, o, c, i0:i1], shift[k, c]
+                for start in range(0, xr.shape[0], BLOCK):
+                    xb = xr[start:start + BLOCK]
+                    t1 = a - a
+                    t2 = a - a
+                    for i in range(xb.shape[0]):
+                        d = xb[i] - a
+                        t1 += d
+                        t2 += d * d
                     acc1[c] += np.float64(t1)
                     acc2[c] += np.float64(t2)
 
@@ -130,6 +151,33 @@ def _comoment_rows(u, v, ku, kv, items, s1, s2):
             o += 1
 
 
+def _moments_rows(x, shift, items, s1, s2):
+    n_channels = x.shape[2]
+    for w in prange(items.shape[0]):
+        k, o, o1 = items[w, 0], items[w, 1], items[w, 2]
+        acc1, acc2, a = s1[w], s2[w], shift[k]
+        acc1[:] = 0.0
+        acc2[:] = 0.0
+        while o + 8 <= o1:  # 8 rows per update of the float64 sums: a third less time than 4
+            x0, x1, x2, x3 = x[k, o], x[k, o + 1], x[k, o + 2], x[k, o + 3]
+            x4, x5, x6, x7 = x[k, o + 4], x[k, o + 5], x[k, o + 6], x[k, o + 7]
+            for c in range(n_channels):
+                ac = a[c]
+                d0, d1, d2, d3 = x0[c] - ac, x1[c] - ac, x2[c] - ac, x3[c] - ac
+                d4, d5, d6, d7 = x4[c] - ac, x5[c] - ac, x6[c] - ac, x7[c] - ac
+                acc1[c] += np.float64(((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7)))
+                acc2[c] += np.float64(((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
+                                      + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)))
+            o += 8
+        while o < o1:
+            x0 = x[k, o]
+            for c in range(n_channels):
+                d0 = x0[c] - a[c]
+                acc1[c] += np.float64(d0)
+                acc2[c] += np.float64(d0 * d0)
+            o += 1
+
+
 def _affine_rows(x, items, mean, scale, shift, y):
     n_channels = x.shape[2]
     for w in prange(items.shape[0]):
@@ -153,6 +201,7 @@ def _input_grad_rows(dy, x, items, a, b, mean, c0, dx):
 
 
 _KERNELS = {name: cpu_kernel_pair(fn) for name, fn in [
+    ("moments_runs", _moments_runs), ("moments_rows", _moments_rows),
     ("comoment_runs", _comoment_runs), ("affine_runs", _affine_runs),
     ("input_grad_runs", _input_grad_runs), ("comoment_rows", _comoment_rows),
     ("affine_rows", _affine_rows), ("input_grad_rows", _input_grad_rows)]}
@@ -196,18 +245,30 @@ def _kernel(name, p):
     return parallel if p.parallel else serial
 
 
-def channel_comoments(p, u, v, ku, kv):
-    """Per (model, channel), float64: sum(u - ku) and sum((u - ku) * (v - kv)).
+def _per_model(s1, s2, n_models):
+    """Add the work items' partial sums per model (every model has as many items, in order)."""
+    return (s1.reshape(n_models, -1, s1.shape[1]).sum(axis=1),
+            s2.reshape(n_models, -1, s2.shape[1]).sum(axis=1))
 
-    ``u``, ``v``: arrays of ``p.view_shape``; ``ku``, ``kv``: (K, C) of their dtype."""
-    n_models, channels = ku.shape
-    s1 = np.empty((p.items.shape[0], channels))
+
+def channel_moments(p, x, shift):
+    """Per (model, channel), float64: sum(x - shift) and sum((x - shift)**2).
+
+    ``x``: array of ``p.view_shape``; ``shift``: (K, C) of x's dtype, one sample per channel."""
+    s1 = np.empty((p.items.shape[0], shift.shape[1]))
     s2 = np.empty_like(s1)
-    _kernel("comoment", p)(u, v, ku, kv, p.items, s1, s2)
-    sum1, sum2 = np.zeros((n_models, channels)), np.zeros((n_models, channels))
-    np.add.at(sum1, p.items[:, 0], s1)
-    np.add.at(sum2, p.items[:, 0], s2)
-    return sum1, sum2
+    _kernel("moments", p)(x, shift, p.items, s1, s2)
+    return _per_model(s1, s2, shift.shape[0])
+
+
+def channel_comoments(p, dy, x, mean):
+    """Per (model, channel), float64: sum(dy) and sum(dy * (x - mean)).
+
+    ``dy``, ``x``: arrays of ``p.view_shape``; ``mean``: (K, C) of their dtype."""
+    s1 = np.empty((p.items.shape[0], mean.shape[1]))
+    s2 = np.empty_like(s1)
+    _kernel("comoment", p)(dy, x, np.zeros_like(mean), mean, p.items, s1, s2)
+    return _per_model(s1, s2, mean.shape[0])
 
 
 def affine(p, x, mean, scale, shift, y):
