@@ -4,7 +4,7 @@ Importing fastdl compiles nothing and does not import numba; kernels compile on 
 are cached on disk.
 """
 
-from . import optim, schedules
+from . import nn, optim, schedules
 from .averages import ewa
 from .batchnorm import BatchNormCache, batch_norm_backward, batch_norm_forward
 from .device import cuda_available, get_device, set_device, to_device, to_host, use_device
@@ -18,6 +18,7 @@ __all__ = [
     "cuda_available",
     "ewa",
     "get_device",
+    "nn",
     "optim",
     "schedules",
     "set_device",

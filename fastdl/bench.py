@@ -222,6 +222,7 @@ BATCHNORM_CASES = {
     "bn_channels_last": BatchNormCase("(64, 56, 56, 64) channels-last, axis -1",
                                       (64, 56, 56, 64), -1),
     "bn_1e6x3": BatchNormCase("(1000000, 3), fresh outputs", (1_000_000, 3)),
+    "bn_1e6x3_out": BatchNormCase("(1000000, 3), out= buffers", (1_000_000, 3), out=True),
 }
 
 
@@ -242,24 +243,36 @@ def textbook_batch_norm(x, gamma, beta, dy, axis, eps=1e-5):
     return y, dx, dgamma, dbeta
 
 
+BATCHNORM_IMPLEMENTATIONS = ("fastdl", "fastdl-serial", "numpy", "torch")
+
+
 def make_batchnorm_step(case, implementation, seed=0):
-    """A zero-argument callable doing forward + backward (training) of ``case``."""
+    """A zero-argument callable doing forward + backward (training) of ``case``, or None when
+    ``implementation`` cannot run it (PyTorch takes channels at axis 1 only). "fastdl-serial"
+    forces the serial kernels, to measure what the parallel ones gain."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(case.shape, np.float32)
     dy = rng.standard_normal(case.shape, np.float32)
     c = case.shape[case.channel_axis]
     gamma, beta = np.ones(c, np.float32), np.zeros(c, np.float32)
     running_mean, running_var = np.zeros(c, np.float32), np.ones(c, np.float32)
-    if implementation == "fastdl":
+    if implementation in ("fastdl", "fastdl-serial"):
+        from fastdl.kernels import config
+
         from .batchnorm import batch_norm_backward, batch_norm_forward
 
         y_out = np.empty_like(x) if case.out else None
         dx_out = np.empty_like(x) if case.out else None
+        threshold = config.PARALLEL_MIN_SIZE if implementation == "fastdl" else math.inf
 
         def step():
-            _, cache = batch_norm_forward(x, gamma, beta, running_mean, running_var,
-                                          channel_axis=case.channel_axis, out=y_out)
-            return batch_norm_backward(dy, cache, out=dx_out)
+            default, config.PARALLEL_MIN_SIZE = config.PARALLEL_MIN_SIZE, threshold
+            try:
+                _, cache = batch_norm_forward(x, gamma, beta, running_mean, running_var,
+                                              channel_axis=case.channel_axis, out=y_out)
+                return batch_norm_backward(dy, cache, out=dx_out)
+            finally:
+                config.PARALLEL_MIN_SIZE = default
 
         return step
     if implementation == "numpy":
@@ -278,4 +291,5 @@ def make_batchnorm_step(case, implementation, seed=0):
             return torch.autograd.grad(y, tensors, t_dy)
 
         return step
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")
+    raise ValueError(f"implementation must be one of {BATCHNORM_IMPLEMENTATIONS}; got "
+                     f"{implementation!r}")

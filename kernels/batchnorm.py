@@ -13,7 +13,7 @@ order:
 Both visit memory in order, a block of rows (then of channels, then of positions) per work
 item.
 
-Work items run under ``prange`` (a serial twin below ``PARALLEL_MIN_SIZE`` elements); each
+Work items run under ``prange`` (a serial twin below ``config.PARALLEL_MIN_SIZE`` elements); each
 writes its own partial sums, which the host adds up per channel in float64.
 
 Two kinds of pass, shared by forward and backward:
@@ -36,7 +36,8 @@ from collections import namedtuple
 import numpy as np
 from numba import prange
 
-from .config import MIN_CHUNK_SIZE, PARALLEL_MIN_SIZE, cpu_kernel_pair, threads
+from . import config
+from .config import MIN_CHUNK_SIZE, cpu_kernel_pair, threads
 
 # Runs: arrays (K, outer, C, inner); items (n, 7) = (k, o0, o1, c0, c1, i0, i1), a block of
 # rows, channels and positions in the run, visited in memory order. Partial sums: (n, C).
@@ -225,7 +226,7 @@ def plan(n_models, outer, channels, inner):
     Work is split along the rows first (memory order), then the channels, then the runs, until
     there are ~4 items per thread (for load balance) or nothing left to split."""
     total = n_models * outer * channels * inner
-    parallel = total >= PARALLEL_MIN_SIZE
+    parallel = total >= config.PARALLEL_MIN_SIZE
     per_model = -(-4 * threads() // n_models) if parallel else 1
     row_blocks = _blocks(outer, per_model)
     if inner == 1:

@@ -231,3 +231,43 @@ def test_backward_checks_dy(rng):
         fd.batch_norm_backward(np.ones((8, 4)), cache)
     with pytest.raises(TypeError, match="BatchNormCache"):
         fd.batch_norm_backward(np.ones((8, 4), np.float32), (x,))
+
+
+def test_batchnorm_layer_trains_and_evaluates(rng):
+    layer = fd.nn.BatchNorm(6, channel_axis=1)
+    assert [p.shape for p in layer.params()] == [(6,), (6,)]
+    x = rng.standard_normal((32, 6, 4)).astype(np.float32) * 3 + 2
+    y = layer.forward(x)
+    want, new_mean, new_var, saved = reference.batch_norm_forward(
+        x, np.ones(6), np.zeros(6), np.zeros(6), np.ones(6))
+    assert_close(y, want, np.float32, FORWARD)
+    assert_close(layer.running_mean, new_mean, np.float32, FORWARD)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    dx = layer.backward(dy)
+    want_dx, want_dgamma, want_dbeta = reference.batch_norm_backward(dy, saved)
+    assert_close(dx, want_dx, np.float32, GRADIENT)
+    assert_close(layer.grads()[0], want_dgamma, np.float32, GRADIENT)
+    assert_close(layer.grads()[1], want_dbeta, np.float32, GRADIENT)
+    # eval: running statistics, not updated
+    layer.eval()
+    before = layer.running_mean.copy()
+    y_eval = layer.forward(x)
+    np.testing.assert_array_equal(layer.running_mean, before)
+    want_eval = reference.batch_norm_forward(x, np.ones(6), np.zeros(6), layer.running_mean,
+                                             layer.running_var, training=False)[0]
+    assert_close(y_eval, want_eval, np.float32, FORWARD)
+
+
+def test_batchnorm_layer_uses_given_storage_and_steps_with_an_optimizer(rng):
+    params = fd.optim.flat_params([(4,), (4,)], np.float32)
+    grads = fd.optim.flat_params([(4,), (4,)], np.float32)
+    layer = fd.nn.BatchNorm(4, channel_axis=0, storage=params, grad_storage=grads)
+    assert layer.params()[0] is params[0] and np.all(params[0] == 1) and np.all(params[1] == 0)
+    opt = fd.optim.SGD(layer.params(), lr=0.1)
+    x = rng.standard_normal((4, 50)).astype(np.float32)
+    layer.forward(x)
+    layer.backward(np.ones_like(x))
+    opt.step(layer.grads())
+    np.testing.assert_allclose(params[1], -0.1 * 50)  # dbeta = sum(dy) = 50
+    with pytest.raises(ValueError, match="storage"):
+        fd.nn.BatchNorm(4, storage=[np.zeros(3, np.float32), np.zeros(4, np.float32)])
