@@ -5,7 +5,7 @@ H100 (3.35 TB/s) for 1e8 float32 parameters, if memory-bound.
     python benchmarks/cuda_report.py        # needs /usr/local/cuda (ptxas), no GPU
 """
 
-from fastdl.kernels import cudalib, optim_cuda  # noqa: F401  (registers the kernels)
+from fastdl.kernels import batchnorm_cuda, cudalib, optim_cuda  # noqa: F401  (registers)
 
 H100_BYTES_PER_SECOND = 3.35e12
 N = 1e8

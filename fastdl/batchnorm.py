@@ -24,7 +24,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _checks
-from .device import is_device_array
+from .device import is_device_array, require_cuda
+from .optim import _c_contiguous as _optim_c_contiguous
 
 
 class BatchNormCache(NamedTuple):
@@ -38,7 +39,7 @@ class BatchNormCache(NamedTuple):
     channel_axis: int
     population: bool
     m: int  # values per channel
-    plan: object  # the kernels' work plan for this shape
+    ops: object  # the device's kernels, with their work plan for this shape
 
 
 def _view_shape(shape, axis, population):
@@ -49,20 +50,34 @@ def _view_shape(shape, axis, population):
             math.prod(per_model[axis + 1:]))
 
 
-def _check_input(x, name, population):
-    if is_device_array(x):
-        raise NotImplementedError(f"{name} is a GPU array; the CUDA batch norm is not built yet")
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy array; got {_checks.describe(x)}")
+def _c_contiguous(a):
+    return a.flags.c_contiguous if isinstance(a, np.ndarray) else _optim_c_contiguous(a)
+
+
+def _device_of(a):
+    return "cuda" if is_device_array(a) else "cpu"
+
+
+def _check_input(x, name, population, device=None):
+    """Check an input array; returns its device ("cpu" or "cuda")."""
+    where = _device_of(x)
+    if device is not None and where != device:
+        raise TypeError(f"{name} is on {where} but the forward input was on {device}: all "
+                        "arrays of a call must live on one device")
+    if where == "cuda":
+        require_cuda()
+    elif not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy or GPU array; got {_checks.describe(x)}")
     if x.dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float64; got {x.dtype}")
-    rank = x.ndim - (1 if population else 0)
+    rank = len(x.shape) - (1 if population else 0)
     if not 2 <= rank <= 5:
         what = "per-model rank" if population else "rank"
-        raise ValueError(f"{name} must have {what} 2 to 5; got shape {x.shape}")
-    if not x.flags.c_contiguous:
+        raise ValueError(f"{name} must have {what} 2 to 5; got shape {tuple(x.shape)}")
+    if not _c_contiguous(x):
         raise ValueError(f"{name} must be C-contiguous (never copied); pass "
-                         f"np.ascontiguousarray({name})")
+                         f"np.ascontiguousarray({name}) (or its device equivalent)")
+    return where
 
 
 def _check_channel_axis(channel_axis, rank):
@@ -74,36 +89,148 @@ def _check_channel_axis(channel_axis, rank):
     return int(channel_axis) % rank
 
 
-def _check_per_channel(a, name, shape, dtype, writable=False):
+def _check_per_channel(a, name, shape, dtype, device, writable=False):
     if a is None:
         return
-    if is_device_array(a):
-        raise TypeError(f"{name} is a GPU array but x is a NumPy array: all arrays of a call "
-                        "must live on one device")
-    if not isinstance(a, np.ndarray):
+    where = _device_of(a)
+    if where != device:
+        raise TypeError(f"{name} is {'a GPU array' if where == 'cuda' else 'on the host'} but "
+                        f"x is on {device}: all arrays of a call must live on one device")
+    if where == "cpu" and not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a NumPy array of shape {shape}; got "
                         f"{_checks.describe(a)}")
     if a.dtype != dtype:
         raise TypeError(f"{name} must have dtype {dtype} like x; got {a.dtype}")
-    if a.shape != shape:
+    if tuple(a.shape) != shape:
         raise ValueError(f"{name} must have shape {shape} (one value per channel"
-                         f"{' and model' if len(shape) == 2 else ''}); got {a.shape}")
-    if writable and not (a.flags.writeable and a.flags.c_contiguous):
+                         f"{' and model' if len(shape) == 2 else ''}); got {tuple(a.shape)}")
+    if writable and not (_c_contiguous(a) and (where == "cuda" or a.flags.writeable)):
         raise ValueError(f"{name} is updated in place: it must be writable and C-contiguous")
 
 
-def _check_out(out, name, like, forbid_overlap=None):
+def _check_out(out, name, like, device, forbid_overlap=None):
     if out is None:
         return
-    if not isinstance(out, np.ndarray):
+    if _device_of(out) != device:
+        raise TypeError(f"{name} must live on {device} like x; got {_checks.describe(out)}")
+    if device == "cpu" and not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a NumPy array; got {_checks.describe(out)}")
-    if out.dtype != like.dtype or out.shape != like.shape:
-        raise ValueError(f"{name} must have shape {like.shape} and dtype {like.dtype}; got "
-                         f"{_checks.describe(out)}")
-    if not (out.flags.c_contiguous and out.flags.writeable):
+    if out.dtype != like.dtype or tuple(out.shape) != tuple(like.shape):
+        raise ValueError(f"{name} must have shape {tuple(like.shape)} and dtype {like.dtype}; "
+                         f"got {_checks.describe(out)}")
+    if not _c_contiguous(out) or (device == "cpu" and not out.flags.writeable):
         raise ValueError(f"{name} must be writable and C-contiguous")
-    if forbid_overlap is not None and np.may_share_memory(out, forbid_overlap):
+    if forbid_overlap is not None and _overlap(out, forbid_overlap, device):
         raise ValueError(f"{name} must not overlap x: backward reads x from the cache")
+
+
+def _overlap(a, b, device):
+    if device == "cpu":
+        return np.may_share_memory(a, b)
+    from fastdl.kernels.cudalib import address, as_cuda_array
+
+    a, b = as_cuda_array(a), as_cuda_array(b)
+    a0, b0 = address(a), address(b)
+    return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
+
+
+class _CpuOps:
+    """The CPU kernels (``kernels/batchnorm.py``) on NumPy arrays."""
+
+    device = "cpu"
+
+    def __init__(self, view):
+        from fastdl.kernels import batchnorm as kernels
+
+        self.kernels = kernels
+        self.plan = kernels.plan(*view)
+        self.view = view
+
+    def _as_view(self, a):
+        return a.reshape(self.plan.view_shape)
+
+    def moments(self, x):
+        """(shift, sum(x - shift), sum((x - shift)**2)), float64 (K, C); shift: a sample."""
+        shift = np.ascontiguousarray(x.reshape(self.view)[:, 0, :, 0])
+        s1, s2 = self.kernels.channel_moments(self.plan, self._as_view(x), shift)
+        return shift.astype(np.float64), s1, s2
+
+    def comoments(self, dy, x, mean):
+        return self.kernels.channel_comoments(self.plan, self._as_view(dy), self._as_view(x),
+                                              mean)
+
+    def affine(self, x, mean, scale, shift, y):
+        self.kernels.affine(self.plan, self._as_view(x), mean, scale, shift, self._as_view(y))
+
+    def input_grad(self, dy, x, a, b, mean, c0, dx):
+        self.kernels.input_grad(self.plan, self._as_view(dy), self._as_view(x), a, b, mean, c0,
+                                self._as_view(dx))
+
+    def coefficients(self, values, dtype):
+        return np.ascontiguousarray(values, dtype)
+
+    empty_like = staticmethod(np.empty_like)
+
+    @staticmethod
+    def to_host(a):
+        return a
+
+    @staticmethod
+    def write(a, values):
+        a[...] = values
+
+
+class _CudaOps:
+    """The CUDA kernels (``kernels/batchnorm_cuda.py``) on device arrays: two launches a
+    pass-pair (a reduction, then the elementwise pass); per-channel values cross to the host,
+    where the statistics and coefficients are computed in float64."""
+
+    device = "cuda"
+
+    def __init__(self, view):
+        from fastdl.kernels import batchnorm_cuda as kernels
+        from fastdl.kernels.cudalib import as_cuda_array, cuda
+
+        self.kernels, self.cuda, self.as_cuda_array = kernels, cuda, as_cuda_array
+        self.view = view
+        self.plan = view
+
+    def _flat(self, a):
+        a = self.as_cuda_array(a)
+        return a.reshape(a.size) if len(a.shape) != 1 else a
+
+    def moments(self, x):
+        n_models, _, channels, _ = self.view
+        x = self._flat(x)
+        shift = self.cuda.to_device(np.zeros(n_models * channels, x.dtype))
+        s1, s2 = self.kernels.channel_sums(x, x, shift, shift, self.view, sample_shift=True)
+        return shift.copy_to_host().reshape(n_models, channels).astype(np.float64), s1, s2
+
+    def comoments(self, dy, x, mean):
+        zeros = self.cuda.to_device(np.zeros(mean.size, mean.dtype))
+        return self.kernels.channel_sums(self._flat(dy), self._flat(x), zeros,
+                                         self.coefficients(mean, mean.dtype), self.view,
+                                         sample_shift=False)
+
+    def affine(self, x, mean, scale, shift, y):
+        self.kernels.affine(self._flat(x), self.view, mean, scale, shift, self._flat(y))
+
+    def input_grad(self, dy, x, a, b, mean, c0, dx):
+        self.kernels.input_grad(self._flat(dy), self._flat(x), self.view, a, b, mean, c0,
+                                self._flat(dx))
+
+    def coefficients(self, values, dtype):
+        return self.cuda.to_device(np.ascontiguousarray(values, dtype).reshape(-1))
+
+    def empty_like(self, a):
+        a = self.as_cuda_array(a)
+        return self.cuda.device_array(a.shape, a.dtype)
+
+    def to_host(self, a):
+        return self.as_cuda_array(a).copy_to_host()
+
+    def write(self, a, values):
+        self.as_cuda_array(a).copy_to_device(np.ascontiguousarray(values, a.dtype))
 
 
 def _split_mean(mean, dtype):
@@ -122,16 +249,16 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True,
     1 / 0; running statistics None are not tracked in training and are required at test time.
     Training updates the running statistics in place. ``out``: where to write y.
     """
-    _check_input(x, "x", population)
-    rank = x.ndim - (1 if population else 0)
+    device = _check_input(x, "x", population)
+    rank = len(x.shape) - (1 if population else 0)
     axis = _check_channel_axis(channel_axis, rank)
-    view = _view_shape(x.shape, axis, population)
+    view = _view_shape(tuple(x.shape), axis, population)
     n_models, outer, channels, inner = view
     per_channel = (n_models, channels) if population else (channels,)
     for name, a in [("gamma", gamma), ("beta", beta)]:
-        _check_per_channel(a, name, per_channel, x.dtype)
+        _check_per_channel(a, name, per_channel, x.dtype, device)
     for name, a in [("running_mean", running_mean), ("running_var", running_var)]:
-        _check_per_channel(a, name, per_channel, x.dtype, writable=training)
+        _check_per_channel(a, name, per_channel, x.dtype, device, writable=training)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var go together: give both or neither")
     if not isinstance(training, (bool, np.bool_)):
@@ -147,39 +274,40 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True,
         raise ValueError(f"momentum must be a number in [0, 1]; got {momentum!r}")
     if not _checks.is_real_scalar(eps) or not eps > 0:
         raise ValueError(f"eps must be a number > 0; got {eps!r}")
-    _check_out(out, "out", x, forbid_overlap=x)
+    _check_out(out, "out", x, device, forbid_overlap=x)
 
-    from fastdl.kernels import batchnorm as kernels
-
-    plan = kernels.plan(*view)
-    x_view = x.reshape(plan.view_shape)
+    ops = _CudaOps(view) if device == "cuda" else _CpuOps(view)
     if training:
-        shift = np.ascontiguousarray(x.reshape(view)[:, 0, :, 0])  # one sample per channel
-        s1, s2 = kernels.channel_moments(plan, x_view, shift)
+        shift, s1, s2 = ops.moments(x)
         centered_mean = s1 / m
         mean = shift + centered_mean
         var = np.maximum(s2 / m - centered_mean * centered_mean, 0.0)
         if running_mean is not None:
-            stats = [(running_mean, mean), (running_var, var * m / (m - 1))]
-            for running, batch in stats:
-                running[...] = ((1 - momentum) * running.reshape(n_models, channels)
-                                + momentum * batch).reshape(running.shape)
+            for running, batch in [(running_mean, mean), (running_var, var * m / (m - 1))]:
+                old = ops.to_host(running).reshape(n_models, channels).astype(np.float64)
+                ops.write(running, ((1 - momentum) * old + momentum * batch).reshape(
+                    running.shape))
     else:
-        mean = running_mean.reshape(n_models, channels).astype(np.float64)
-        var = running_var.reshape(n_models, channels).astype(np.float64)
+        mean = ops.to_host(running_mean).reshape(n_models, channels).astype(np.float64)
+        var = ops.to_host(running_var).reshape(n_models, channels).astype(np.float64)
     inv_std = 1.0 / np.sqrt(var + eps)
-    gamma64 = 1.0 if gamma is None else gamma.reshape(n_models, channels).astype(np.float64)
-    beta64 = 0.0 if beta is None else beta.reshape(n_models, channels).astype(np.float64)
+    gamma64 = _per_channel_host(ops, gamma, n_models, channels, 1.0)
+    beta64 = _per_channel_host(ops, beta, n_models, channels, 0.0)
     scale = gamma64 * inv_std
     # y = (x - mean_near) * scale + (beta - (mean - mean_near) * scale)
     mean_near, mean_error = _split_mean(mean, x.dtype)
-    y = np.empty_like(x) if out is None else out
-    kernels.affine(plan, x_view, mean_near, scale.astype(x.dtype),
-                   (beta64 - mean_error * scale).astype(x.dtype), y.reshape(plan.view_shape))
-    shape = per_channel
-    cache = BatchNormCache(x, mean.reshape(shape), inv_std.reshape(shape), gamma,
-                           bool(training), axis, bool(population), m, plan)
+    y = ops.empty_like(x) if out is None else out
+    ops.affine(x, ops.coefficients(mean_near, x.dtype), ops.coefficients(scale, x.dtype),
+               ops.coefficients(beta64 - mean_error * scale, x.dtype), y)
+    cache = BatchNormCache(x, mean.reshape(per_channel), inv_std.reshape(per_channel), gamma,
+                           bool(training), axis, bool(population), m, ops)
     return y, cache
+
+
+def _per_channel_host(ops, a, n_models, channels, default):
+    if a is None:
+        return np.full((n_models, channels), default)
+    return ops.to_host(a).reshape(n_models, channels).astype(np.float64)
 
 
 def batch_norm_backward(dy, cache, out=None):
@@ -192,34 +320,33 @@ def batch_norm_backward(dy, cache, out=None):
         raise TypeError(f"cache must be the BatchNormCache of batch_norm_forward; got "
                         f"{type(cache).__name__}")
     x = cache.x
-    _check_input(dy, "dy", cache.population)
-    if dy.shape != x.shape or dy.dtype != x.dtype:
+    device = _check_input(dy, "dy", cache.population, cache.ops.device)
+    if tuple(dy.shape) != tuple(x.shape) or dy.dtype != x.dtype:
         error = TypeError if dy.dtype != x.dtype else ValueError
         raise error(f"dy must have the forward input's shape {x.shape} and dtype {x.dtype}; "
                     f"got {_checks.describe(dy)}")
-    _check_out(out, "out", x)
+    _check_out(out, "out", x, device)
 
-    from fastdl.kernels import batchnorm as kernels
-
-    plan, m = cache.plan, cache.m
-    n_models, channels = plan.view_shape[0], plan.view_shape[2]
+    ops, m = cache.ops, cache.m
+    n_models, channels = ops.view[0], ops.view[2]
     mean = cache.mean.reshape(n_models, channels)
     inv_std = cache.inv_std.reshape(n_models, channels)
-    x_view, dy_view = x.reshape(plan.view_shape), dy.reshape(plan.view_shape)
     mean_near, mean_error = _split_mean(mean, x.dtype)
-    sum_dy, sum_dy_xnear = kernels.channel_comoments(plan, dy_view, x_view, mean_near)
+    sum_dy, sum_dy_xnear = ops.comoments(dy, x, mean_near)
     dbeta = sum_dy
     dgamma = (sum_dy_xnear - mean_error * sum_dy) * inv_std  # sum(dy * (x - mean)) * inv_std
-    gamma = (1.0 if cache.gamma is None
-             else cache.gamma.reshape(n_models, channels).astype(np.float64))
-    a = gamma * inv_std * np.ones_like(mean)
+    a = _per_channel_host(ops, cache.gamma, n_models, channels, 1.0) * inv_std
     if cache.training:
         b = -a * inv_std * dgamma / m
         c0 = -a * dbeta / m
     else:
         b = c0 = np.zeros_like(mean)
-    dx = np.empty_like(x) if out is None else out
-    kernels.input_grad(plan, dy_view, x_view, a.astype(x.dtype), b.astype(x.dtype), mean_near,
-                       (c0 - b * mean_error).astype(x.dtype), dx.reshape(plan.view_shape))
+    dx = ops.empty_like(x) if out is None else out
+    ops.input_grad(dy, x, ops.coefficients(a, x.dtype), ops.coefficients(b, x.dtype),
+                   ops.coefficients(mean_near, x.dtype),
+                   ops.coefficients(c0 - b * mean_error, x.dtype), dx)
     shape = cache.mean.shape
-    return dx, dgamma.reshape(shape).astype(x.dtype), dbeta.reshape(shape).astype(x.dtype)
+    dgamma, dbeta = dgamma.reshape(shape).astype(x.dtype), dbeta.reshape(shape).astype(x.dtype)
+    if ops.device == "cuda":
+        dgamma, dbeta = ops.cuda.to_device(dgamma), ops.cuda.to_device(dbeta)
+    return dx, dgamma, dbeta

@@ -13,7 +13,7 @@ import pytest
 
 from fastdl import optim
 from fastdl.device import is_device_array
-from fastdl.kernels import cudalib, optim_cuda  # noqa: F401  (registers the kernels)
+from fastdl.kernels import batchnorm_cuda, cudalib, optim_cuda  # noqa: F401  (registers)
 
 KERNELS = pathlib.Path(cudalib.__file__).parent
 
