@@ -1,4 +1,4 @@
-"""Turn a pytest-benchmark JSON file into the README's Markdown table.
+"""Turn a pytest-benchmark JSON file into the README's Markdown tables.
 
     python benchmarks/report.py benchmarks/latest.json
 """
@@ -18,22 +18,37 @@ def main(path):
         info = b["extra_info"]
         times[info["case"], info["implementation"]] = b["stats"]["min"]
         moved[info["case"]] = info["bytes_moved"]
-    triad = moved["triad"] / times["triad", "numba"] / 1e9
-    print("| case | fastdl | NumPy textbook | PyTorch fused | vs NumPy | vs PyTorch | "
-          "fastdl GB/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for key, case in bench.OPTIM_CASES.items():
-        ours = times[key, "fastdl"]
-        numpy = times.get((key, "numpy"))
-        torch = times.get((key, "torch"))
-        cells = [case.name, _ms(ours), _ms(numpy), _ms(torch),
-                 _ratio(numpy, ours), _ratio(torch, ours), f"{moved[key] / ours / 1e9:.0f}"]
-        print("| " + " | ".join(cells) + " |")
+    triad = moved["triad"] / times["triad", "numba"] / 1e9 if ("triad", "numba") in times \
+        else None
+    if any(key in moved for key in bench.OPTIM_CASES):
+        print("| optimizer step | fastdl | NumPy textbook | PyTorch fused | vs NumPy | "
+              "vs PyTorch | fastdl GB/s |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for key, case in bench.OPTIM_CASES.items():
+            _row(case.name, key, times, moved, ("fastdl", "numpy", "torch"))
+        print()
+    if any(key in moved for key in bench.BATCHNORM_CASES):
+        print("| batch norm, forward + backward | fastdl | fastdl serial | NumPy textbook | "
+              "PyTorch | parallel vs serial | vs NumPy | vs PyTorch | fastdl GB/s |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for key, case in bench.BATCHNORM_CASES.items():
+            _row(case.name, key, times, moved, ("fastdl", "fastdl-serial", "numpy", "torch"))
+        print()
+    if triad:
+        print(f"Memory bandwidth in the same run (STREAM triad, 2 threads): {triad:.0f} GB/s. "
+              "Times are the best of each benchmark's rounds.")
     info = data["machine_info"]
-    print(f"\nMemory bandwidth in the same run (STREAM triad, 2 threads): {triad:.0f} GB/s. "
-          f"Times are the best of each benchmark's rounds.")
     print(f"Machine: {info.get('cpu', {}).get('brand_raw', info.get('processor'))}, "
           f"{data['datetime'][:10]}, Python {info['python_version']}.")
+
+
+def _row(name, key, times, moved, implementations):
+    if (key, "fastdl") not in times:
+        return
+    ours = times[key, "fastdl"]
+    others = [times.get((key, i)) for i in implementations]
+    cells = [name] + [_ms(t) for t in others] + [_ratio(t, ours) for t in others[1:]]
+    print("| " + " | ".join(cells + [f"{moved[key] / ours / 1e9:.0f}"]) + " |")
 
 
 def _ms(seconds):
