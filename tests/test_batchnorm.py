@@ -205,7 +205,7 @@ class StubDevice:
 
 
 @pytest.mark.parametrize("case", range(13))
-def test_bad_input_raises_and_changes_nothing(case, rng):
+def test_bad_input_raises_a_clear_error(case, rng):
     name, call, error, message = bad_calls(rng)[case]
     with pytest.raises(error, match=message):
         call()
