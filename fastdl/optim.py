@@ -58,7 +58,7 @@ def flat_params(shapes, dtype=np.float32):
         buffer = cuda.to_device(np.zeros(sum(sizes), dtype))
     else:
         buffer = np.empty(sum(sizes), dtype)
-        buffer.fill(0)  # written now: no lazily mapped small pages (see _Optimizer._zeros)
+        buffer.fill(0)  # written now: no lazily mapped small pages (see _backends.CpuBackend.zeros)
     offsets = np.cumsum([0] + sizes)
     return [buffer[offsets[i]:offsets[i + 1]].reshape(s) for i, s in enumerate(shapes)]
 
