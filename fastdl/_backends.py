@@ -262,12 +262,16 @@ class CudaBackend(_Backend):
         the host in float64, in a fixed order (the result never depends on scheduling)."""
         from fastdl.kernels.optim import INV_SCALE
 
-        inv_scale = self._to_device(model[:, INV_SCALE].astype(self.dtype))
+        inv_scale = model[:, INV_SCALE].astype(self.dtype)
+        if self._inv_scale is None:
+            self._inv_scale = self._to_device(inv_scale)
+        else:
+            self._inv_scale.copy_to_device(inv_scale)
         sumsq[:] = 0.0
         nonfinite[:] = False
         for grads, _, table, models, partial, flags in plan:
             self._lib.launch(self._kernels.grad_stats_cuda, table.shape[0], grads, table,
-                             inv_scale, partial, flags)
+                             self._inv_scale, partial, flags)
             sumsq += np.bincount(models, partial.copy_to_host().astype(np.float64),
                                  minlength=sumsq.shape[0])
             nonfinite |= np.bincount(models, flags.copy_to_host(),
