@@ -24,8 +24,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _checks
-from .device import is_device_array, require_cuda
-from .optim import _c_contiguous as _optim_c_contiguous
+from ._arrays import c_contiguous, check_out, device_of
+from .device import require_cuda
 
 
 class BatchNormCache(NamedTuple):
@@ -50,17 +50,9 @@ def _view_shape(shape, axis, population):
             math.prod(per_model[axis + 1:]))
 
 
-def _c_contiguous(a):
-    return a.flags.c_contiguous if isinstance(a, np.ndarray) else _optim_c_contiguous(a)
-
-
-def _device_of(a):
-    return "cuda" if is_device_array(a) else "cpu"
-
-
 def _check_input(x, name, population, device=None):
     """Check an input array; returns its device ("cpu" or "cuda")."""
-    where = _device_of(x)
+    where = device_of(x)
     if device is not None and where != device:
         raise TypeError(f"{name} is on {where} but the forward input was on {device}: all "
                         "arrays of a call must live on one device")
@@ -74,7 +66,7 @@ def _check_input(x, name, population, device=None):
     if not 2 <= rank <= 5:
         what = "per-model rank" if population else "rank"
         raise ValueError(f"{name} must have {what} 2 to 5; got shape {tuple(x.shape)}")
-    if not _c_contiguous(x):
+    if not c_contiguous(x):
         raise ValueError(f"{name} must be C-contiguous (never copied); pass "
                          f"np.ascontiguousarray({name}) (or its device equivalent)")
     return where
@@ -92,7 +84,7 @@ def _check_channel_axis(channel_axis, rank):
 def _check_per_channel(a, name, shape, dtype, device, writable=False):
     if a is None:
         return
-    where = _device_of(a)
+    where = device_of(a)
     if where != device:
         raise TypeError(f"{name} is {'a GPU array' if where == 'cuda' else 'on the host'} but "
                         f"x is on {device}: all arrays of a call must live on one device")
@@ -104,34 +96,8 @@ def _check_per_channel(a, name, shape, dtype, device, writable=False):
     if tuple(a.shape) != shape:
         raise ValueError(f"{name} must have shape {shape} (one value per channel"
                          f"{' and model' if len(shape) == 2 else ''}); got {tuple(a.shape)}")
-    if writable and not (_c_contiguous(a) and (where == "cuda" or a.flags.writeable)):
+    if writable and not (c_contiguous(a) and (where == "cuda" or a.flags.writeable)):
         raise ValueError(f"{name} is updated in place: it must be writable and C-contiguous")
-
-
-def _check_out(out, name, like, device, forbid_overlap=None):
-    if out is None:
-        return
-    if _device_of(out) != device:
-        raise TypeError(f"{name} must live on {device} like x; got {_checks.describe(out)}")
-    if device == "cpu" and not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy array; got {_checks.describe(out)}")
-    if out.dtype != like.dtype or tuple(out.shape) != tuple(like.shape):
-        raise ValueError(f"{name} must have shape {tuple(like.shape)} and dtype {like.dtype}; "
-                         f"got {_checks.describe(out)}")
-    if not _c_contiguous(out) or (device == "cpu" and not out.flags.writeable):
-        raise ValueError(f"{name} must be writable and C-contiguous")
-    if forbid_overlap is not None and _overlap(out, forbid_overlap, device):
-        raise ValueError(f"{name} must not overlap x: backward reads x from the cache")
-
-
-def _overlap(a, b, device):
-    if device == "cpu":
-        return np.may_share_memory(a, b)
-    from fastdl.kernels.cudalib import address, as_cuda_array
-
-    a, b = as_cuda_array(a), as_cuda_array(b)
-    a0, b0 = address(a), address(b)
-    return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
 
 
 class _CpuOps:
@@ -274,7 +240,8 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True,
         raise ValueError(f"momentum must be a number in [0, 1]; got {momentum!r}")
     if not _checks.is_real_scalar(eps) or not eps > 0:
         raise ValueError(f"eps must be a number > 0; got {eps!r}")
-    _check_out(out, "out", x, device, forbid_overlap=x)
+    check_out(out, "out", x, device, forbid_overlap=x,
+              reason="x: backward reads x from the cache")
 
     ops = _CudaOps(view) if device == "cuda" else _CpuOps(view)
     if training:
@@ -325,7 +292,7 @@ def batch_norm_backward(dy, cache, out=None):
         error = TypeError if dy.dtype != x.dtype else ValueError
         raise error(f"dy must have the forward input's shape {x.shape} and dtype {x.dtype}; "
                     f"got {_checks.describe(dy)}")
-    _check_out(out, "out", x, device)
+    check_out(out, "out", x, device)
 
     ops, m = cache.ops, cache.m
     n_models, channels = ops.view[0], ops.view[2]

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _checks
+from ._arrays import c_contiguous
 from ._backends import CpuBackend, CudaBackend
 from .device import get_device, is_device_array, require_cuda, to_host
 
@@ -205,7 +206,7 @@ class _Optimizer:
             if p.dtype != first.dtype:
                 raise TypeError(f"params[{j}] has dtype {p.dtype} but params[0] has "
                                 f"{first.dtype}: all params must share one dtype")
-            if not _c_contiguous(p):
+            if not c_contiguous(p):
                 raise ValueError(f"params[{j}] must be C-contiguous (updated in place, never "
                                  "copied); allocate it with np.ascontiguousarray or flat_params")
             if not on_gpu and not p.flags.writeable:
@@ -647,19 +648,3 @@ class AdamW(Adam):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, **options)
 
-
-def _c_contiguous(a):
-    if isinstance(a, np.ndarray):
-        return a.flags.c_contiguous
-    if hasattr(a, "is_c_contiguous"):
-        return a.is_c_contiguous()
-    interface = a.__cuda_array_interface__
-    strides = interface.get("strides")
-    if strides is None:
-        return True
-    expected, step = [], np.dtype(interface["typestr"]).itemsize
-    for n in reversed(interface["shape"]):
-        expected.append(step)
-        step *= n
-    return all(s == e or n == 1 for s, e, n in zip(strides, reversed(expected),
-                                                    interface["shape"]))

@@ -178,3 +178,51 @@ def batch_norm_backward(dy, saved):
     else:
         dx = scale * dy
     return dx, dgamma, dbeta
+
+
+def softmax(z, axis=-1):
+    """exp(z - max z) / sum exp(z - max z) along ``axis``, in float64."""
+    z = np.asarray(z, np.float64)
+    e = np.exp(z - z.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def log_softmax(z, axis=-1):
+    z = np.asarray(z, np.float64)
+    shifted = z - z.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def softmax_cross_entropy(logits, target, axis=-1, reduction="mean", label_smoothing=0.0,
+                          ignore_index=-100):
+    """SPEC.md's cross-entropy for one model, in float64: returns (loss, dlogits).
+
+    The textbook way: a probability array, a dense target array t (smoothed), per-row loss
+    -sum t log p, and the gradient p * sum(t) - t, each row weighted by the reduction.
+    """
+    z = np.moveaxis(np.asarray(logits, np.float64), axis, -1)
+    n_classes = z.shape[-1]
+    log_p = log_softmax(z)
+    eps = label_smoothing
+    if np.issubdtype(np.asarray(target).dtype, np.integer):
+        labels = np.asarray(target)
+        kept = labels != ignore_index
+        t = np.zeros_like(z)
+        rows = np.nonzero(kept)
+        t[rows + (labels[kept],)] = 1.0
+        t = (1 - eps) * t + eps / n_classes
+        t[~kept] = 0.0
+    else:
+        t = (1 - eps) * np.moveaxis(np.asarray(target, np.float64), axis, -1) + eps / n_classes
+        kept = np.ones(z.shape[:-1], bool)
+    row_loss = -(t * log_p).sum(axis=-1)
+    grad = np.exp(log_p) * t.sum(axis=-1, keepdims=True) - t
+    if reduction == "mean":
+        count = kept.sum()
+        loss = row_loss.sum() / count if count else np.nan
+        grad = grad / count if count else grad * 0.0
+    elif reduction == "sum":
+        loss = row_loss.sum()
+    else:
+        loss = row_loss
+    return loss, np.moveaxis(grad, -1, axis)

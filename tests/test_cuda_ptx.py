@@ -11,7 +11,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from fastdl import optim
+from fastdl._arrays import c_contiguous
 from fastdl.device import is_device_array
 from fastdl.kernels import batchnorm_cuda, cudalib, optim_cuda  # noqa: F401  (registers)
 
@@ -78,10 +78,10 @@ class StubCudaArray:
 def test_cuda_array_interface_objects_are_device_arrays():
     stub = StubCudaArray((4, 3), np.float32)
     assert is_device_array(stub)
-    assert optim._c_contiguous(stub)
-    assert optim._c_contiguous(StubCudaArray((4, 3), np.float32, strides=(12, 4)))
-    assert not optim._c_contiguous(StubCudaArray((4, 3), np.float32, strides=(4, 16)))
-    assert optim._c_contiguous(StubCudaArray((1, 3), np.float32, strides=(999, 4)))
+    assert c_contiguous(stub)
+    assert c_contiguous(StubCudaArray((4, 3), np.float32, strides=(12, 4)))
+    assert not c_contiguous(StubCudaArray((4, 3), np.float32, strides=(4, 16)))
+    assert c_contiguous(StubCudaArray((1, 3), np.float32, strides=(999, 4)))
 
 
 @pytest.mark.skipif(cudalib.SIMULATOR, reason="the simulator has its own addressing")
