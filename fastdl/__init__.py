@@ -8,6 +8,8 @@ from . import nn, optim, schedules
 from .averages import ewa
 from .batchnorm import BatchNormCache, batch_norm_backward, batch_norm_forward
 from .device import cuda_available, get_device, set_device, to_device, to_host, use_device
+from .dropout import dropout_backward, dropout_forward
+from .softmax import log_softmax, softmax, softmax_cross_entropy
 
 __version__ = "0.1.0"
 
@@ -16,12 +18,17 @@ __all__ = [
     "batch_norm_backward",
     "batch_norm_forward",
     "cuda_available",
+    "dropout_backward",
+    "dropout_forward",
     "ewa",
     "get_device",
+    "log_softmax",
     "nn",
     "optim",
     "schedules",
     "set_device",
+    "softmax",
+    "softmax_cross_entropy",
     "to_device",
     "to_host",
     "use_device",

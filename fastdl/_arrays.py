@@ -1,10 +1,12 @@
 """Checks of array arguments shared by the kernels' API: device, layout, outputs. Errors name
 the argument, what was expected and what came; checks run before anything is modified."""
 
+import math
+
 import numpy as np
 
 from . import _checks
-from .device import is_device_array
+from .device import location as device_of
 
 
 def c_contiguous(a):
@@ -25,9 +27,13 @@ def c_contiguous(a):
                                                     interface["shape"]))
 
 
-def device_of(a):
-    """"cuda" for a GPU array, else "cpu"."""
-    return "cuda" if is_device_array(a) else "cpu"
+def view_shape(shape, axis, population):
+    """(K, outer, n, inner) of an array shape around ``axis`` (counted on the per-model shape,
+    after the leading K axis of a population): the kernels' view of any rank and layout."""
+    n_models = shape[0] if population else 1
+    per_model = shape[1:] if population else shape
+    return (n_models, math.prod(per_model[:axis]), per_model[axis],
+            math.prod(per_model[axis + 1:]))
 
 
 def check_out(out, name, like, device, like_name="x", forbid_overlap=None, reason=""):

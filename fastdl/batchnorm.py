@@ -18,13 +18,12 @@ Backward, with xhat = (x - mu) * inv_std::
 copied; each layout has its own loop order (``kernels/batchnorm.py``).
 """
 
-import math
 from typing import NamedTuple
 
 import numpy as np
 
 from . import _checks
-from ._arrays import c_contiguous, check_out, device_of
+from ._arrays import c_contiguous, check_out, device_of, view_shape
 from .device import require_cuda
 
 
@@ -40,14 +39,6 @@ class BatchNormCache(NamedTuple):
     population: bool
     m: int  # values per channel
     ops: object  # the device's kernels, with their work plan for this shape
-
-
-def _view_shape(shape, axis, population):
-    """(K, outer, C, inner) of an input shape (axis counted on the per-model shape)."""
-    n_models = shape[0] if population else 1
-    per_model = shape[1:] if population else shape
-    return (n_models, math.prod(per_model[:axis]), per_model[axis],
-            math.prod(per_model[axis + 1:]))
 
 
 def _check_input(x, name, population, device=None):
@@ -218,7 +209,7 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True,
     device = _check_input(x, "x", population)
     rank = len(x.shape) - (1 if population else 0)
     axis = _check_channel_axis(channel_axis, rank)
-    view = _view_shape(tuple(x.shape), axis, population)
+    view = view_shape(tuple(x.shape), axis, population)
     n_models, outer, channels, inner = view
     per_channel = (n_models, channels) if population else (channels,)
     for name, a in [("gamma", gamma), ("beta", beta)]:

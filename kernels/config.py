@@ -11,6 +11,11 @@ from numba import njit
 
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
+# For the few loops whose order of operations is the point (``(z - max) - log_sum`` must not
+# become ``z - (max + log_sum)``): FASTMATH without reassociation. Compile them as separate
+# functions, not numba-inlined, so that their instructions keep these flags.
+FASTMATH_IN_ORDER = FASTMATH - {"reassoc"}
+
 # Below this many elements a prange kernel costs more in thread wake-up than it saves.
 PARALLEL_MIN_SIZE = 16_384
 

@@ -31,7 +31,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .config import CPU_OPTIONS, cpu_kernel_pair
+from .config import CPU_OPTIONS, FASTMATH_IN_ORDER, cpu_kernel_pair
 from .floats import exp_fast, from_ordered_bits, ordered_bits, ordered_bits_empty
 
 SOFTMAX, LOG_SOFTMAX, XENT_INDEX, XENT_PROB = range(4)
@@ -51,39 +51,52 @@ def _row_max(z):
 
 
 @njit(inline="always")
-def _row_sum(z):
-    total = z[0] - z[0]
+def _row_sum(z, shift):
+    """sum(z - shift): the logits enter the loss relative to their max, exact near it."""
+    total = z.dtype.type(0)
     for j in range(z.shape[0]):
-        total += z[j]
+        total += z[j] - shift
     return total
+
+
+@njit(fastmath=FASTMATH_IN_ORDER, error_model="numpy", cache=True)
+def _shift_row(z, top, log_total, out):
+    """out = (z - top) - log_total, in that order: exact where z is near top (z - lse is not,
+    once top is large: 3e4 + log_total rounds to 0.002 in float32)."""
+    for j in range(z.shape[0]):
+        out[j] = (z[j] - top) - log_total
+
+
+@njit(fastmath=FASTMATH_IN_ORDER, error_model="numpy", cache=True)
+def _shift_tile(z, top, log_total, out):
+    """out = (z - top) - log_total per position of a tile (see _shift_row)."""
+    for j in range(z.shape[0]):
+        out[j] = (z[j] - top[j]) - log_total[j]
 
 
 @njit(inline="always")
 def _log_softmax_row(zr, outr):
     top = _row_max(zr)
-    total = zr[0] - zr[0]
+    total = zr.dtype.type(0)
     for j in range(zr.shape[0]):
         total += exp_fast(zr[j] - top)
-    lse = top + np.log(total)
-    for j in range(zr.shape[0]):
-        outr[j] = zr[j] - lse
+    _shift_row(zr, top, np.log(total), outr)
 
 
 @njit(inline="always")
-def _exp_row(zr, outr):
-    """outr = exp(zr - max zr); returns (max, sum of outr)."""
-    top = _row_max(zr)
-    total = zr[0] - zr[0]
+def _exp_row(zr, top, outr):
+    """outr = exp(zr - top); returns the sum of outr."""
+    total = zr.dtype.type(0)
     for j in range(zr.shape[0]):
         e = exp_fast(zr[j] - top)
         outr[j] = e
         total += e
-    return top, total
+    return total
 
 
 @njit(inline="always")
 def _softmax_row(zr, outr):
-    _, total = _exp_row(zr, outr)
+    total = _exp_row(zr, _row_max(zr), outr)
     inverse = 1 / total
     for j in range(zr.shape[0]):
         outr[j] *= inverse
@@ -93,15 +106,18 @@ def _softmax_row(zr, outr):
 def _index_xent_row(zr, label, w, keep, eps, uniform, outr):
     """Write the gradient of row ``zr`` with class ``label`` into ``outr``; return the loss."""
     n_classes = zr.shape[0]
-    z_label = zr[label]  # read before outr (which may be zr) is written
-    z_sum = _row_sum(zr) if eps != 0 else zr[0] - zr[0]
-    top, total = _exp_row(zr, outr)
-    lse = float(top) + math.log(total)
+    top = _row_max(zr)
+    # what the loss needs of z, read before outr (which may be zr) is written
+    label_gap = np.float64(top - zr[label])
+    z_sum = np.float64(_row_sum(zr, top)) if eps != 0 else 0.0
+    total = _exp_row(zr, top, outr)
+    log_total = math.log(np.float64(total))
     a, b = w / total, w * uniform
     for j in range(n_classes):
         outr[j] = outr[j] * a - b
     outr[label] -= w * keep
-    return keep * (lse - z_label) + eps * (lse - z_sum / n_classes)
+    # lse - z_j = log_total + (top - z_j)
+    return keep * (log_total + label_gap) + eps * (log_total - z_sum / n_classes)
 
 
 @njit(inline="always")
@@ -109,18 +125,21 @@ def _prob_xent_row(zr, tr, w, keep, eps, uniform, outr):
     """Write the gradient of row ``zr`` with target probabilities ``tr`` into ``outr``; return
     the loss."""
     n_classes = zr.shape[0]
-    target_dot_z = target_sum = zr[0] - zr[0]
+    top = _row_max(zr)
+    target_dot_z = target_sum = zr.dtype.type(0)
     for j in range(n_classes):
-        target_dot_z += tr[j] * zr[j]
+        target_dot_z += tr[j] * (zr[j] - top)
         target_sum += tr[j]
-    z_sum = _row_sum(zr) if eps != 0 else zr[0] - zr[0]
-    top, total = _exp_row(zr, outr)
-    lse = float(top) + math.log(total)
+    z_sum = _row_sum(zr, top) if eps != 0 else zr.dtype.type(0)
+    total = _exp_row(zr, top, outr)
+    log_total = math.log(np.float64(total))
     mass = keep * target_sum + eps
     a, b, c = w * mass / total, w * uniform, w * keep
     for j in range(n_classes):
         outr[j] = outr[j] * a - (c * tr[j] + b)
-    return mass * lse - keep * target_dot_z - uniform * z_sum
+    # sum_j t_j (lse - z_j) with lse - z_j = log_total - (z_j - top)
+    return (np.float64(mass) * log_total - np.float64(keep) * target_dot_z
+            - np.float64(uniform) * z_sum)
 
 
 def rows_kernel(z, index_target, prob_target, grad_scale, rows_per_model, smoothing,
@@ -159,7 +178,7 @@ def tiles_kernel(z, index_target, prob_target, grad_scale, rows_per_model, smoot
     n_items = n_rows * n_tiles
     keep, eps, uniform = smoothing[0], smoothing[1], smoothing[2]
     for worker in prange(n_workers):
-        top, total, z_label, target_dot_z, target_sum, z_sum, scale, offset = (
+        top, total, label_gap, target_dot_z, target_sum, z_sum, scale, offset = (
             np.empty((8, TILE), z.dtype))
         top_bits = ordered_bits_empty(TILE, z[0, 0, 0])
         labels = np.empty(TILE, np.int64)
@@ -186,18 +205,19 @@ def tiles_kernel(z, index_target, prob_target, grad_scale, rows_per_model, smoot
             if mode == XENT_INDEX:
                 for j in range(n):
                     labels[j] = index_target[r, lo + j]
-                    z_label[j] = 0 if labels[j] == ignore_index else zr[labels[j], lo + j]
+                    ignored = labels[j] == ignore_index
+                    label_gap[j] = 0 if ignored else top[j] - zr[labels[j], lo + j]
             elif mode == XENT_PROB:
                 for c in range(n_classes):
                     zc, tc = zr[c, lo:lo + n], prob_target[r, c, lo:lo + n]
                     for j in range(n):
-                        target_dot_z[j] += tc[j] * zc[j]
+                        target_dot_z[j] += tc[j] * (zc[j] - top[j])
                         target_sum[j] += tc[j]
             if eps != 0:
                 for c in range(n_classes):
                     zc = zr[c, lo:lo + n]
                     for j in range(n):
-                        z_sum[j] += zc[j]
+                        z_sum[j] += zc[j] - top[j]
             # pass B: e = exp(z - max) (into out unless log-softmax), and its sum
             for c in range(n_classes):
                 zc, oc = zr[c, lo:lo + n], outr[c, lo:lo + n]
@@ -212,11 +232,9 @@ def tiles_kernel(z, index_target, prob_target, grad_scale, rows_per_model, smoot
             # pass C
             if mode == LOG_SOFTMAX:
                 for j in range(n):
-                    top[j] += np.log(total[j])  # now lse
+                    total[j] = np.log(total[j])
                 for c in range(n_classes):
-                    zc, oc = zr[c, lo:lo + n], outr[c, lo:lo + n]
-                    for j in range(n):
-                        oc[j] = zc[j] - top[j]
+                    _shift_tile(zr[c, lo:lo + n], top, total, outr[c, lo:lo + n])
             elif mode == SOFTMAX:
                 for j in range(n):
                     total[j] = 1 / total[j]
@@ -226,13 +244,13 @@ def tiles_kernel(z, index_target, prob_target, grad_scale, rows_per_model, smoot
                         oc[j] *= total[j]
             elif mode == XENT_INDEX:
                 for j in range(n):
-                    lse = float(top[j]) + math.log(total[j])
+                    log_total = math.log(np.float64(total[j]))
                     if labels[j] == ignore_index:
                         loss[r, lo + j] = 0.0
                         scale[j] = offset[j] = 0
                     else:
-                        loss[r, lo + j] = (keep * (lse - z_label[j])
-                                           + eps * (lse - z_sum[j] / n_classes))
+                        loss[r, lo + j] = (keep * (log_total + label_gap[j])
+                                           + eps * (log_total - z_sum[j] / n_classes))
                         scale[j] = w / total[j]
                         offset[j] = w * uniform
                 for c in range(n_classes):
@@ -245,9 +263,10 @@ def tiles_kernel(z, index_target, prob_target, grad_scale, rows_per_model, smoot
             else:
                 for j in range(n):
                     mass = keep * target_sum[j] + eps
-                    lse = float(top[j]) + math.log(total[j])
-                    loss[r, lo + j] = (mass * lse - keep * target_dot_z[j]
-                                       - uniform * z_sum[j])
+                    log_total = math.log(np.float64(total[j]))
+                    loss[r, lo + j] = (np.float64(mass) * log_total
+                                       - np.float64(keep) * target_dot_z[j]
+                                       - np.float64(uniform) * z_sum[j])
                     scale[j] = w * mass / total[j]
                 keep_w, offset_w = w * keep, w * uniform
                 for c in range(n_classes):

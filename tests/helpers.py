@@ -12,3 +12,7 @@ def assert_close(got, want, dtype, tolerance=None, what=""):
     got, want = np.asarray(got), np.asarray(want)
     assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
     np.testing.assert_allclose(got, want, err_msg=what, **tol)
+
+# SPEC.md's tolerances: softmax and cross-entropy.
+SOFTMAX_TOLERANCE = {np.float32: dict(rtol=3e-4, atol=1e-6),
+                     np.float64: dict(rtol=1e-9, atol=1e-11)}

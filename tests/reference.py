@@ -207,9 +207,7 @@ def softmax_cross_entropy(logits, target, axis=-1, reduction="mean", label_smoot
     if np.issubdtype(np.asarray(target).dtype, np.integer):
         labels = np.asarray(target)
         kept = labels != ignore_index
-        t = np.zeros_like(z)
-        rows = np.nonzero(kept)
-        t[rows + (labels[kept],)] = 1.0
+        t = (labels[..., None] == np.arange(n_classes)).astype(np.float64)
         t = (1 - eps) * t + eps / n_classes
         t[~kept] = 0.0
     else:
@@ -226,3 +224,40 @@ def softmax_cross_entropy(logits, target, axis=-1, reduction="mean", label_smoot
     else:
         loss = row_loss
     return loss, np.moveaxis(grad, -1, axis)
+
+
+def _lowbias32(h):
+    """Wellons' lowbias32 on uint64 arrays holding 32-bit values."""
+    m32 = np.uint64(0xFFFFFFFF)
+    h = h ^ (h >> np.uint64(16))
+    h = (h * np.uint64(0x7FEB352D)) & m32
+    h = h ^ (h >> np.uint64(15))
+    h = (h * np.uint64(0x846CA68B)) & m32
+    return h ^ (h >> np.uint64(16))
+
+
+def dropout_mask(shape, p, seed):
+    """SPEC.md's mask u >= p, with u = 24 bits of the documented counter-based hash of
+    (seed, flat index) / 2**24. ``p`` may hold one rate per model (leading axis)."""
+    mask64 = (1 << 64) - 1
+    z = (seed + 0x9E3779B97F4A7C15) & mask64  # SplitMix64 of the seed: the 64-bit key
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask64
+    key = z ^ (z >> 31)
+    index = np.arange(math.prod(shape), dtype=np.uint64)
+    m32 = np.uint64(0xFFFFFFFF)
+    h = _lowbias32((index & m32) ^ np.uint64(key & 0xFFFFFFFF))
+    h = _lowbias32(h ^ (index >> np.uint64(32)) ^ np.uint64(key >> 32))
+    u = (h >> np.uint64(8)).astype(np.float64) / 2.0**24
+    p = np.asarray(p, np.float64).reshape((-1,) + (1,) * (len(shape) - 1)) if np.ndim(p) else p
+    return u.reshape(shape) >= p
+
+
+def dropout(x, mask, p):
+    """y = x * mask * scale, scale = 1 / (1 - p) (0 when p = 1); also dx from dy."""
+    p = np.asarray(p, np.float64)
+    if p.ndim:
+        p = p.reshape((-1,) + (1,) * (x.ndim - 1))
+    with np.errstate(divide="ignore"):
+        scale = np.where(p < 1, 1 / (1 - p), 0.0).astype(x.dtype)
+    return x * mask * scale
