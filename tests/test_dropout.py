@@ -1,0 +1,133 @@
+"""Inverted dropout on the CPU: the mask against the NumPy reference of the generator, keep-rate
+statistics, reproducibility across thread counts, populations, and bad input."""
+
+import math
+
+import numba
+import numpy as np
+import pytest
+
+import fastdl as fd
+from fastdl.kernels import dropout as kernels
+
+from reference import dropout as ref_dropout
+from reference import dropout_mask as ref_mask
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(7,), (33, 5), (200, 300), (4, 3, 50, 50)])
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_mask_and_output_match_reference(rng, shape, dtype, p):
+    x = rng.standard_normal(shape).astype(dtype)
+    y, mask = fd.dropout_forward(x, p, seed=1234)
+    assert mask.dtype == np.bool_ and mask.shape == x.shape
+    np.testing.assert_array_equal(mask, ref_mask(shape, p, 1234))
+    np.testing.assert_array_equal(y, ref_dropout(x, mask, p))
+    dy = rng.standard_normal(shape).astype(dtype)
+    np.testing.assert_array_equal(fd.dropout_backward(dy, mask, p), ref_dropout(dy, mask, p))
+
+
+def test_p_zero_is_identity_and_p_one_is_zeros(rng):
+    x = rng.standard_normal((50, 40)).astype(np.float32)
+    y, mask = fd.dropout_forward(x, 0.0, seed=3)
+    np.testing.assert_array_equal(y, x)
+    assert mask.all()
+    y, mask = fd.dropout_forward(x, 1.0, seed=3)
+    assert not y.any() and not mask.any()
+    assert not fd.dropout_backward(x, mask, 1.0).any()
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.8])
+def test_keep_rate_within_four_standard_errors(p):
+    n = 1_000_000
+    _, mask = fd.dropout_forward(np.ones(n, np.float32), p, seed=99)
+    keep = 1 - p
+    assert abs(mask.mean() - keep) <= 4 * math.sqrt(keep * p / n)
+    # neighbouring elements are independent: P(both kept) = keep**2
+    both = np.mean(mask[1:] & mask[:-1])
+    assert abs(both - keep**2) <= 4 * math.sqrt(keep**2 * (1 - keep**2) / n)
+
+
+def test_same_seed_same_mask_on_any_thread_count(rng):
+    x = rng.standard_normal((1000, 200)).astype(np.float32)
+    _, first = fd.dropout_forward(x, 0.4, seed=7)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        _, single = fd.dropout_forward(x, 0.4, seed=7)
+    finally:
+        numba.set_num_threads(threads)
+    np.testing.assert_array_equal(first, single)
+    # the serial kernel (small arrays) draws the same bits for the same indices
+    _, small = fd.dropout_forward(x[:10], 0.4, seed=7)
+    np.testing.assert_array_equal(small, first[:10])
+    _, other = fd.dropout_forward(x, 0.4, seed=8)
+    assert np.mean(other != first) > 0.4
+
+
+def test_cpu_generator_equals_the_plain_python_one():
+    """The CPU kernels' 32-bit LLVM hash equals ``uniform_bits`` (what CUDA runs), also for
+    indices past 2**32."""
+    from numba import njit
+
+    @njit
+    def keep_all(indices, key_low, key_high, threshold, out):
+        for i in range(indices.shape[0]):
+            out[i] = kernels._keep_cpu(indices[i], key_low, key_high, threshold)
+
+    indices = np.array([0, 1, 2, 1000, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**45 + 3],
+                       np.int64)
+    for key_low, key_high, threshold in [(0, 0, 2**23), (12345, 678, 1000), (2**32 - 1, 5, 2**24)]:
+        got = np.empty(indices.shape, np.bool_)
+        keep_all(indices, key_low, key_high, threshold, got)
+        want = [kernels.uniform_bits(int(i), key_low, key_high) >= threshold for i in indices]
+        np.testing.assert_array_equal(got, want)
+
+
+def test_population_with_per_model_rates(rng):
+    rates = np.array([0.0, 0.25, 0.5, 1.0])
+    x = rng.standard_normal((4, 100, 50)).astype(np.float32)
+    y, mask = fd.dropout_forward(x, rates, seed=5, population=True)
+    np.testing.assert_array_equal(mask, ref_mask(x.shape, rates, 5))
+    np.testing.assert_array_equal(y, ref_dropout(x, mask, rates))
+    np.testing.assert_array_equal(fd.dropout_backward(x, mask, rates), ref_dropout(x, mask, rates))
+    assert mask[0].all() and not mask[3].any()
+
+
+def test_out_buffers_and_in_place_backward(rng):
+    x = rng.standard_normal((300, 100)).astype(np.float32)
+    y_buffer, mask_buffer = np.empty_like(x), np.empty(x.shape, np.bool_)
+    y, mask = fd.dropout_forward(x, 0.3, seed=1, out=y_buffer, mask_out=mask_buffer)
+    assert y is y_buffer and mask is mask_buffer
+    dy = x.copy()
+    dx = fd.dropout_backward(dy, mask, 0.3, out=dy)
+    assert dx is dy
+    np.testing.assert_array_equal(dx, ref_dropout(x, mask, 0.3))
+
+
+def test_inf_times_dropped_is_nan_as_x_times_mask():
+    x = np.full(64, np.inf, np.float32)
+    y, mask = fd.dropout_forward(x, 0.5, seed=2)
+    assert np.all(np.isnan(y[~mask])) and np.all(y[mask] == np.inf)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda x, m: fd.dropout_forward(x, 1.5, 0), ValueError, "p"),
+    (lambda x, m: fd.dropout_forward(x, -0.1, 0), ValueError, "p"),
+    (lambda x, m: fd.dropout_forward(x, 0.5, 1.5), TypeError, "seed"),
+    (lambda x, m: fd.dropout_forward(x.astype(np.int32), 0.5, 0), TypeError, "x"),
+    (lambda x, m: fd.dropout_forward(x.T, 0.5, 0), ValueError, "C-contiguous"),
+    (lambda x, m: fd.dropout_forward(x, [0.1, 0.2], 0), ValueError, "population"),
+    (lambda x, m: fd.dropout_forward(x, [0.1, 0.2], 0, population=True), ValueError, "p"),
+    (lambda x, m: fd.dropout_forward(x, 0.5, 0, out=np.empty((3, 4))), ValueError, "out"),
+    (lambda x, m: fd.dropout_forward(x, 0.5, 0, mask_out=np.empty(x.shape)), ValueError,
+     "mask_out"),
+    (lambda x, m: fd.dropout_backward(x, m[:2], 0.5), ValueError, "mask"),
+    (lambda x, m: fd.dropout_backward(x, m.astype(np.uint8), 0.5), ValueError, "mask"),
+    (lambda x, m: fd.dropout_backward(x, m, [0.5, 0.5]), ValueError, "p"),
+])
+def test_bad_input_is_a_clear_error(rng, call, error, match):
+    x = rng.standard_normal((3, 5)).astype(np.float32)
+    _, mask = fd.dropout_forward(x, 0.5, 0)
+    with pytest.raises(error, match=match):
+        call(x, mask)
