@@ -55,11 +55,7 @@ def _class_axis(axis, rank):
 
 
 def _ops(device, view, dtype):
-    if device == "cuda":
-        from ._softmax_cuda import CudaOps
-
-        return CudaOps(view, dtype)
-    return _CpuOps(view, dtype)
+    return (_CudaOps if device == "cuda" else _CpuOps)(view, dtype)
 
 
 class _CpuOps:
@@ -116,6 +112,51 @@ class _CpuOps:
     def result(self, values, shape):
         """Losses in the logits' dtype: a NumPy scalar for shape (), else an array."""
         return np.asarray(values, self.dtype).reshape(shape)[()]
+
+
+class _CudaOps:
+    """The CUDA kernels (``kernels/softmax_cuda.py``) on device arrays, passed flat. Losses
+    stay on the device in the logits' dtype; label counts cross to the host (one sync)."""
+
+    def __init__(self, view, dtype):
+        from fastdl.kernels import softmax_cuda as kernels
+        from fastdl.kernels.cudalib import as_cuda_array, cuda
+
+        self.kernels, self.cuda, self.as_cuda_array = kernels, cuda, as_cuda_array
+        self.view, self.dtype = view, dtype
+
+    def _flat(self, a):
+        a = self.as_cuda_array(a)
+        return a.reshape(a.size) if len(a.shape) != 1 else a
+
+    def _values(self, values):
+        return self.cuda.to_device(np.asarray(values, self.dtype))
+
+    def run(self, mode, z, labels, probs, grad_scale, smoothing, ignore_index, out):
+        """Launch one kernel; returns the per-position losses, a device array."""
+        n_models = self.view[0]
+        labels = self.cuda.to_device(np.zeros(1, np.int64)) if labels is None \
+            else self._flat(labels)
+        probs = self._values(np.zeros(1)) if probs is None else self._flat(probs)
+        grad_scale = self._values(np.ones(n_models) if grad_scale is None else grad_scale)
+        smoothing = self._values([1, 0, 0] if smoothing is None else smoothing)
+        return self.kernels.run(mode, self._flat(z), labels, probs, grad_scale, self.view[1],
+                                smoothing, ignore_index, self.view, self._flat(out))
+
+    def label_counts(self, labels, ignore_index):
+        return self.kernels.label_counts(self._flat(labels), self.view[0], self.view[2],
+                                         ignore_index)
+
+    def reduce(self, row_loss, scale):
+        return self.kernels.sum_per_model(row_loss, self.view[0], self._values(scale))
+
+    def empty_like(self, a):
+        a = self.as_cuda_array(a)
+        return self.cuda.device_array(a.shape, a.dtype)
+
+    def result(self, values, shape):
+        """Losses as a device array of ``shape`` (0-d for a reduced loss)."""
+        return values.reshape(shape)
 
 
 def _or_dummy(a, shape, dtype):

@@ -13,7 +13,13 @@ import pytest
 
 from fastdl._arrays import c_contiguous
 from fastdl.device import is_device_array
-from fastdl.kernels import batchnorm_cuda, cudalib, optim_cuda  # noqa: F401  (registers)
+from fastdl.kernels import (  # noqa: F401  (importing registers the kernels)
+    batchnorm_cuda,
+    cudalib,
+    dropout_cuda,
+    optim_cuda,
+    softmax_cuda,
+)
 
 KERNELS = pathlib.Path(cudalib.__file__).parent
 

@@ -1,0 +1,68 @@
+"""Inverted dropout for CUDA GPUs, beside ``kernels/dropout.py``.
+
+The mask bit of element ``i`` is ``uniform_bits(i, key) >= threshold``: the generator of the
+CPU kernels (``kernels/dropout.py``), compiled as a device function, so the mask of a seed is
+the same on the GPU as on the CPU whatever the grid. Grid-stride over flat arrays: neighbour
+threads take neighbour elements (coalesced); model k owns elements [k * n, (k + 1) * n).
+"""
+
+import numpy as np
+from numba import types
+
+from .cudalib import THREADS_PER_BLOCK, array, as_cuda_array, cuda, device_function, kernel, launch
+from .dropout import uniform_bits
+
+DTYPES = (np.float32, np.float64)
+I64 = types.int64
+
+_uniform_bits = device_function(uniform_bits)
+
+
+@kernel([(array(d), I64, I64, array(np.int64), array(d), I64, array(d), array(np.bool_))
+         for d in DTYPES])
+def dropout_forward_cuda(x, key_low, key_high, thresholds, scales, per_model, y, mask):
+    """mask = bits >= thresholds[k]; y = x * scales[k] where kept, x * 0 where dropped."""
+    for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+        k = i // per_model
+        keep = _uniform_bits(i, key_low, key_high) >= thresholds[k]
+        scale = scales[k]
+        mask[i] = keep
+        y[i] = x[i] * (scale if keep else scale - scale)
+
+
+@kernel([(array(d), array(np.bool_), array(d), I64, array(d)) for d in DTYPES])
+def dropout_backward_cuda(dy, mask, scales, per_model, dx):
+    """dx = dy * mask * scales[k]."""
+    for i in range(cuda.grid(1), dy.shape[0], cuda.gridsize(1)):
+        scale = scales[i // per_model]
+        dx[i] = dy[i] * (scale if mask[i] else scale - scale)
+
+
+# -- launchers (device arrays, checked by fastdl.dropout) ---------------------------------------
+
+
+def _flat(a):
+    a = as_cuda_array(a)
+    return a.reshape(a.size) if len(a.shape) != 1 else a
+
+
+def empty_like(x):
+    x = as_cuda_array(x)
+    return cuda.device_array(x.shape, x.dtype)
+
+
+def empty_mask(shape):
+    return cuda.device_array(shape, np.bool_)
+
+
+def forward(x, n_models, key_low, key_high, thresholds, scales, y, mask):
+    x = _flat(x)
+    launch(dropout_forward_cuda, -(-x.shape[0] // THREADS_PER_BLOCK), x, key_low, key_high,
+           cuda.to_device(thresholds), cuda.to_device(scales), max(1, x.shape[0] // n_models),
+           _flat(y), _flat(mask))
+
+
+def backward(dy, mask, n_models, scales, dx):
+    dy = _flat(dy)
+    launch(dropout_backward_cuda, -(-dy.shape[0] // THREADS_PER_BLOCK), dy, _flat(mask),
+           cuda.to_device(scales), max(1, dy.shape[0] // n_models), _flat(dx))
