@@ -11,6 +11,8 @@ import numpy as np
 
 from . import _checks
 from .batchnorm import batch_norm_backward, batch_norm_forward
+from .dropout import dropout_backward, dropout_forward
+from .softmax import softmax_cross_entropy
 
 
 class BatchNorm:
@@ -96,3 +98,131 @@ class BatchNorm:
     def __repr__(self):
         return (f"BatchNorm({self.gamma.shape[-1]}, channel_axis={self.channel_axis}, "
                 f"momentum={self.momentum}, eps={self.eps}, training={self.training})")
+
+
+def _host_buffer(buffer, like):
+    """``buffer`` when it can take an output like ``like`` (a NumPy array), else a new one;
+    None for device arrays (the function allocates beside its input)."""
+    if not isinstance(like, np.ndarray):
+        return None
+    if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype:
+        return np.empty_like(like)
+    return buffer
+
+
+class Dropout:
+    """Inverted dropout (SPEC.md): in training each element is dropped with probability ``p``
+    and the rest scaled by 1 / (1 - p); in ``eval()`` mode the layer is the identity.
+
+    Every training forward draws a new mask from (``seed``, call number), so a run is
+    reproducible from its seed, on the CPU and the GPU alike. ``population=K``: inputs have a
+    leading axis of K models and ``p`` may hold one rate per model.
+    """
+
+    def __init__(self, p=0.5, seed=None, population=None):
+        if population is not None and (isinstance(population, bool) or population < 1):
+            raise ValueError(f"population must be None or a number of models >= 1; got "
+                             f"{population!r}")
+        rates = _checks.hyperparameter(p, "p", population, _checks.closed_unit_interval)
+        self.p = float(rates[0]) if population is None else rates  # (K,): one rate per model
+        if seed is None:
+            seed = int(np.random.default_rng().integers(2**32))
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int or None; got {_checks.describe(seed)}")
+        self.seed, self.population, self.calls = int(seed), population, 0
+        self.training = True
+        self._mask = self._y = self._dx = None
+
+    def train(self):
+        self.training = True
+        return self
+
+    def eval(self):
+        self.training = False
+        return self
+
+    def forward(self, x):
+        if not self.training:
+            self._mask = None
+            return x
+        # distinct (seed, call) pairs give distinct generator keys (seeds below 2**32)
+        seed = (self.seed << 32) + self.calls
+        self.calls += 1
+        self._y = _host_buffer(self._y, x)
+        mask_out = None
+        if isinstance(x, np.ndarray):
+            if self._mask is None or self._mask.shape != x.shape:
+                self._mask = np.empty(x.shape, np.bool_)
+            mask_out = self._mask
+        y, self._mask = dropout_forward(x, self.p, seed, population=self.population is not None,
+                                        out=self._y, mask_out=mask_out)
+        return y
+
+    def backward(self, dout):
+        """dx = dout * mask / (1 - p) (dout itself in eval mode)."""
+        if not self.training:
+            return dout
+        if self._mask is None:
+            raise ValueError("backward needs a training forward first")
+        self._dx = _host_buffer(self._dx, dout)
+        return dropout_backward(dout, self._mask, self.p, out=self._dx)
+
+    def params(self):
+        return []
+
+    def grads(self):
+        return []
+
+    def __repr__(self):
+        return f"Dropout(p={self.p}, training={self.training})"
+
+
+class SoftmaxCrossEntropy:
+    """Softmax cross-entropy loss (SPEC.md): ``loss = forward(logits, target)``, then
+    ``backward()`` returns dloss/dlogits, computed in the same fused pass as the loss.
+
+    Keywords as :func:`fastdl.softmax_cross_entropy`; ``population=K`` gives per-model losses of
+    shape (K,) (each model's gradient is that of its own loss).
+    """
+
+    def __init__(self, axis=-1, reduction="mean", label_smoothing=0.0, ignore_index=-100,
+                 population=None):
+        self.options = dict(axis=axis, reduction=reduction, label_smoothing=label_smoothing,
+                            ignore_index=ignore_index, population=population is not None)
+        self.training = True
+        self._grad = None
+
+    def train(self):
+        self.training = True
+        return self
+
+    def eval(self):
+        self.training = False
+        return self
+
+    def forward(self, logits, target):
+        """The loss of ``logits`` (classes along ``axis``) against ``target`` (class indices
+        or probabilities); the gradient is kept for :meth:`backward`."""
+        out = _host_buffer(self._grad, logits)
+        loss, self._grad = softmax_cross_entropy(logits, target, out=out, **self.options)
+        return loss
+
+    def backward(self, dout=1.0):
+        """dloss/dlogits times ``dout`` (a scalar: the loss is the end of the network)."""
+        if self._grad is None:
+            raise ValueError("backward needs a forward first")
+        if not _checks.is_real_scalar(dout):
+            raise TypeError(f"dout must be a number; got {_checks.describe(dout)}")
+        if dout != 1:
+            self._grad *= self._grad.dtype.type(dout)
+        return self._grad
+
+    def params(self):
+        return []
+
+    def grads(self):
+        return []
+
+    def __repr__(self):
+        options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"SoftmaxCrossEntropy({options})"

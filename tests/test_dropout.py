@@ -131,3 +131,35 @@ def test_bad_input_is_a_clear_error(rng, call, error, match):
     _, mask = fd.dropout_forward(x, 0.5, 0)
     with pytest.raises(error, match=match):
         call(x, mask)
+
+
+def test_dropout_layer_trains_with_fresh_masks_and_is_identity_in_eval(rng):
+    x = rng.standard_normal((64, 50)).astype(np.float32)
+    layer = fd.nn.Dropout(0.4, seed=11)
+    y1 = layer.forward(x).copy()
+    mask1 = layer._mask.copy()
+    np.testing.assert_array_equal(y1, ref_dropout(x, mask1, 0.4))
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    np.testing.assert_array_equal(layer.backward(dy), ref_dropout(dy, mask1, 0.4))
+    y2 = layer.forward(x)
+    assert np.mean(layer._mask != mask1) > 0.3  # a new mask every step
+    # reproducible from the seed
+    again = fd.nn.Dropout(0.4, seed=11)
+    np.testing.assert_array_equal(again.forward(x), y1)
+    assert not np.array_equal(y2, y1)
+    layer.eval()
+    assert layer.forward(x) is x and layer.backward(dy) is dy
+    assert layer.params() == [] and layer.grads() == []
+
+
+def test_dropout_layer_population_rates(rng):
+    x = rng.standard_normal((3, 20, 10)).astype(np.float32)
+    layer = fd.nn.Dropout([0.0, 0.5, 1.0], seed=2, population=3)
+    y = layer.forward(x)
+    np.testing.assert_array_equal(y[0], x[0])
+    assert not y[2].any()
+    np.testing.assert_array_equal(layer.backward(x), ref_dropout(x, layer._mask, layer.p))
+    with pytest.raises(ValueError, match="p"):
+        fd.nn.Dropout([0.1, 0.2])
+    with pytest.raises(ValueError, match="p"):
+        fd.nn.Dropout(1.5)

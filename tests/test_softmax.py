@@ -269,3 +269,19 @@ def test_bad_logits():
         fd.softmax([1.0, 2.0])
     with pytest.raises(ValueError, match="axis"):
         fd.log_softmax(np.zeros((2, 3), np.float32), axis=-3)
+
+
+@pytest.mark.parametrize("shape, axis", [((30, 10), -1), ((10, 30), 0)])
+def test_loss_layer_equals_the_function(rng, shape, axis):
+    z = logits_for(rng, shape, np.float32)
+    labels = labels_for(rng, shape, axis)
+    layer = fd.nn.SoftmaxCrossEntropy(axis=axis, label_smoothing=0.1)
+    loss = layer.forward(z, labels)
+    want_loss, want_grad = ref_cross_entropy(z, labels, axis, "mean", 0.1)
+    assert_close(loss, want_loss, np.float32, SOFTMAX_TOLERANCE, "loss")
+    assert_close(layer.backward(), want_grad, np.float32, SOFTMAX_TOLERANCE, "dlogits")
+    layer.forward(z, labels)
+    assert_close(layer.backward(2.0), 2 * want_grad, np.float32, SOFTMAX_TOLERANCE, "2 dlogits")
+    assert layer.params() == [] and layer.grads() == []
+    with pytest.raises(ValueError, match="forward first"):
+        fd.nn.SoftmaxCrossEntropy().backward()
