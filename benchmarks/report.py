@@ -27,13 +27,18 @@ def main(path):
         for key, case in bench.OPTIM_CASES.items():
             _row(case.name, key, times, moved, ("fastdl", "numpy", "torch"))
         print()
-    if any(key in moved for key in bench.BATCHNORM_CASES):
-        print("| batch norm, forward + backward | fastdl | fastdl serial | NumPy textbook | "
-              "PyTorch | parallel vs serial | vs NumPy | vs PyTorch | fastdl GB/s |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for key, case in bench.BATCHNORM_CASES.items():
-            _row(case.name, key, times, moved, ("fastdl", "fastdl-serial", "numpy", "torch"))
-        print()
+    tables = [(bench.BATCHNORM_CASES, "batch norm, forward + backward"),
+              (bench.SOFTMAX_CASES, "softmax cross-entropy, loss + gradient"),
+              (bench.DROPOUT_CASES, "dropout")]
+    for cases, title in tables:
+        if any(key in moved for key in cases):
+            print(f"| {title} | fastdl | fastdl serial | NumPy textbook | PyTorch | "
+                  "parallel vs serial | vs NumPy | vs PyTorch | fastdl GB/s |")
+            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            for key, case in cases.items():
+                _row(case.name, key, times, moved,
+                     ("fastdl", "fastdl-serial", "numpy", "torch"))
+            print()
     if triad:
         print(f"Memory bandwidth in the same run (STREAM triad, 2 threads): {triad:.0f} GB/s. "
               "Times are the best of each benchmark's rounds.")

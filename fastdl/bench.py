@@ -8,6 +8,7 @@ textbook version, one array expression per formula line) and ``torch`` (PyTorch'
 import math
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -292,4 +293,134 @@ def make_batchnorm_step(case, implementation, seed=0):
 
         return step
     raise ValueError(f"implementation must be one of {BATCHNORM_IMPLEMENTATIONS}; got "
+                     f"{implementation!r}")
+
+
+# -- softmax cross-entropy and dropout ----------------------------------------------------------
+
+
+@contextmanager
+def _parallel_threshold(implementation):
+    """"fastdl-serial" forces the serial kernels, to measure what the parallel ones gain."""
+    from fastdl.kernels import config
+
+    default = config.PARALLEL_MIN_SIZE
+    if implementation == "fastdl-serial":
+        config.PARALLEL_MIN_SIZE = math.inf
+    try:
+        yield
+    finally:
+        config.PARALLEL_MIN_SIZE = default
+
+
+@dataclass
+class SoftmaxCase:
+    """Loss + gradient of the mean cross-entropy with index targets; ``out`` writes dlogits
+    into a reused buffer."""
+
+    name: str
+    shape: tuple
+    axis: int = -1
+    out: bool = False
+
+    @property
+    def size(self):
+        return math.prod(self.shape)
+
+
+SOFTMAX_CASES = {
+    "xent_4096x1000": SoftmaxCase("(4096, 1000), fresh outputs", (4096, 1000)),
+    "xent_4096x1000_out": SoftmaxCase("(4096, 1000), out= buffer", (4096, 1000), out=True),
+    "xent_256x10": SoftmaxCase("(256, 10), fresh outputs", (256, 10)),
+    "xent_64x70000": SoftmaxCase("(64, 70000), fresh outputs", (64, 70_000)),
+    "xent_100000x10": SoftmaxCase("(100000, 10), fresh outputs", (100_000, 10)),
+    "xent_classes_first": SoftmaxCase("(1000, 4096) classes x examples, axis 0",
+                                      (1000, 4096), axis=0),
+}
+
+SOFTMAX_IMPLEMENTATIONS = ("fastdl", "fastdl-serial", "numpy", "torch")
+
+
+def textbook_cross_entropy(z, labels, axis):
+    """The notes' softmax regression in NumPy: probabilities, mean loss, gradient p - y."""
+    shifted = z - z.max(axis=axis, keepdims=True)
+    e = np.exp(shifted)
+    total = e.sum(axis=axis, keepdims=True)
+    index = np.expand_dims(labels, axis)
+    m = labels.size
+    loss = -(np.take_along_axis(shifted, index, axis) - np.log(total)).sum() / m
+    grad = e / total
+    np.put_along_axis(grad, index, np.take_along_axis(grad, index, axis) - 1, axis)
+    grad /= m
+    return loss, grad
+
+
+def make_softmax_step(case, implementation, seed=0):
+    """A zero-argument callable computing the loss and dlogits of ``case``."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal(case.shape, np.float32) * np.float32(3)
+    axis = case.axis % len(case.shape)
+    labels = rng.integers(0, case.shape[axis], case.shape[1 - axis])
+    if implementation in ("fastdl", "fastdl-serial"):
+        from .softmax import softmax_cross_entropy
+
+        out = np.empty_like(z) if case.out else None
+
+        def step():
+            with _parallel_threshold(implementation):
+                return softmax_cross_entropy(z, labels, axis=case.axis, out=out)
+
+        return step
+    if implementation == "numpy":
+        return lambda: textbook_cross_entropy(z, labels, axis)
+    if implementation == "torch":
+        import torch
+
+        logits = torch.from_numpy(z).requires_grad_()
+        target = torch.from_numpy(labels)
+
+        def step():  # classes first: the transposed view, which PyTorch reads in place
+            loss = torch.nn.functional.cross_entropy(logits if axis == 1 else logits.T, target)
+            return loss, torch.autograd.grad(loss, logits)
+
+        return step
+    raise ValueError(f"implementation must be one of {SOFTMAX_IMPLEMENTATIONS}; got "
+                     f"{implementation!r}")
+
+
+DROPOUT_CASES = {"dropout_1e7": SoftmaxCase("dropout forward + backward, 1e7, p = 0.5",
+                                            (10_000_000,))}
+
+
+def make_dropout_step(case, implementation, p=0.5, seed=0):
+    """A zero-argument callable doing dropout forward and backward on ``case.shape``."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(case.shape, np.float32)
+    dy = rng.standard_normal(case.shape, np.float32)
+    if implementation in ("fastdl", "fastdl-serial"):
+        from .dropout import dropout_backward, dropout_forward
+
+        def step():
+            with _parallel_threshold(implementation):
+                _, mask = dropout_forward(x, p, seed)
+                return dropout_backward(dy, mask, p)
+
+        return step
+    if implementation == "numpy":
+        def step():  # the notes: D = np.random.rand(...) < keep_prob; A = A * D / keep_prob
+            mask = rng.random(case.shape, np.float32) >= p
+            return x * mask / (1 - p), dy * mask / (1 - p)
+
+        return step
+    if implementation == "torch":
+        import torch
+
+        tx, tdy = torch.from_numpy(x).requires_grad_(), torch.from_numpy(dy)
+
+        def step():
+            y = torch.nn.functional.dropout(tx, p, training=True)
+            return torch.autograd.grad(y, tx, tdy)
+
+        return step
+    raise ValueError(f"implementation must be one of {SOFTMAX_IMPLEMENTATIONS}; got "
                      f"{implementation!r}")

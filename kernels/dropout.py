@@ -17,7 +17,8 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic
 
-from .config import PARALLEL_MIN_SIZE, cpu_kernel_pair
+from . import config
+from .config import cpu_kernel_pair
 
 UNIFORM_BITS = 24
 MASK32 = 0xFFFFFFFF
@@ -131,12 +132,12 @@ def empty_mask(shape):
 
 
 def forward(x, n_models, key_low, key_high, thresholds, scales, y, mask):
-    kernel = forward_parallel if x.size >= PARALLEL_MIN_SIZE else forward_serial
+    kernel = forward_parallel if x.size >= config.PARALLEL_MIN_SIZE else forward_serial
     kernel(x.reshape(n_models, -1), key_low, key_high, thresholds, scales, CHUNK,
            y.reshape(n_models, -1), mask.reshape(n_models, -1))
 
 
 def backward(dy, mask, n_models, scales, dx):
-    kernel = backward_parallel if dy.size >= PARALLEL_MIN_SIZE else backward_serial
+    kernel = backward_parallel if dy.size >= config.PARALLEL_MIN_SIZE else backward_serial
     kernel(dy.reshape(n_models, -1), mask.reshape(n_models, -1), scales, CHUNK,
            dx.reshape(n_models, -1))
