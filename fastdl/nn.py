@@ -15,7 +15,28 @@ from .dropout import dropout_backward, dropout_forward
 from .softmax import softmax_cross_entropy
 
 
-class BatchNorm:
+class Layer:
+    """The layer protocol: ``train()`` / ``eval()`` switch ``training`` (and return the layer),
+    ``forward``, ``backward(dout)``, and ``params()`` / ``grads()`` (none here)."""
+
+    training = True
+
+    def train(self):
+        self.training = True
+        return self
+
+    def eval(self):
+        self.training = False
+        return self
+
+    def params(self):
+        return []
+
+    def grads(self):
+        return []
+
+
+class BatchNorm(Layer):
     """Batch normalization over ``num_features`` channels at ``channel_axis`` (SPEC.md).
 
     ``gamma`` (ones) and ``beta`` (zeros) are learned; running statistics (mean 0, variance 1)
@@ -43,7 +64,6 @@ class BatchNorm:
         self.running_mean = np.zeros(shape, self.dtype)
         self.running_var = np.ones(shape, self.dtype)
         self.momentum, self.eps, self.channel_axis = momentum, eps, channel_axis
-        self.training = True
         self._cache = self._y = self._dx = None
 
     def _buffers(self, given, shape, name, values):
@@ -58,14 +78,6 @@ class BatchNorm:
                                  f"{self.dtype}; got {_checks.describe(a)}")
             a[...] = values[i]
         return given
-
-    def train(self):
-        self.training = True
-        return self
-
-    def eval(self):
-        self.training = False
-        return self
 
     def forward(self, x):
         """Normalize ``x`` (batch statistics in training, running ones in eval mode)."""
@@ -110,7 +122,7 @@ def _host_buffer(buffer, like):
     return buffer
 
 
-class Dropout:
+class Dropout(Layer):
     """Inverted dropout (SPEC.md): in training each element is dropped with probability ``p``
     and the rest scaled by 1 / (1 - p); in ``eval()`` mode the layer is the identity.
 
@@ -130,16 +142,7 @@ class Dropout:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise TypeError(f"seed must be an int or None; got {_checks.describe(seed)}")
         self.seed, self.population, self.calls = int(seed), population, 0
-        self.training = True
         self._mask = self._y = self._dx = None
-
-    def train(self):
-        self.training = True
-        return self
-
-    def eval(self):
-        self.training = False
-        return self
 
     def forward(self, x):
         if not self.training:
@@ -167,17 +170,11 @@ class Dropout:
         self._dx = _host_buffer(self._dx, dout)
         return dropout_backward(dout, self._mask, self.p, out=self._dx)
 
-    def params(self):
-        return []
-
-    def grads(self):
-        return []
-
     def __repr__(self):
         return f"Dropout(p={self.p}, training={self.training})"
 
 
-class SoftmaxCrossEntropy:
+class SoftmaxCrossEntropy(Layer):
     """Softmax cross-entropy loss (SPEC.md): ``loss = forward(logits, target)``, then
     ``backward()`` returns dloss/dlogits, computed in the same fused pass as the loss.
 
@@ -189,16 +186,7 @@ class SoftmaxCrossEntropy:
                  population=None):
         self.options = dict(axis=axis, reduction=reduction, label_smoothing=label_smoothing,
                             ignore_index=ignore_index, population=population is not None)
-        self.training = True
         self._grad = None
-
-    def train(self):
-        self.training = True
-        return self
-
-    def eval(self):
-        self.training = False
-        return self
 
     def forward(self, logits, target):
         """The loss of ``logits`` (classes along ``axis``) against ``target`` (class indices
@@ -216,12 +204,6 @@ class SoftmaxCrossEntropy:
         if dout != 1:
             self._grad *= self._grad.dtype.type(dout)
         return self._grad
-
-    def params(self):
-        return []
-
-    def grads(self):
-        return []
 
     def __repr__(self):
         options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())

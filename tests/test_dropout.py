@@ -149,6 +149,7 @@ def test_dropout_layer_trains_with_fresh_masks_and_is_identity_in_eval(rng):
     assert not np.array_equal(y2, y1)
     layer.eval()
     assert layer.forward(x) is x and layer.backward(dy) is dy
+    assert layer.train() is layer and layer.forward(x) is not x
     assert layer.params() == [] and layer.grads() == []
 
 
