@@ -4,10 +4,18 @@ Importing fastdl compiles nothing and does not import numba; kernels compile on 
 are cached on disk.
 """
 
-from . import nn, optim, schedules
+from . import data, gradcheck, nn, optim, schedules
 from .averages import ewa
 from .batchnorm import BatchNormCache, batch_norm_backward, batch_norm_forward
-from .device import cuda_available, get_device, set_device, to_device, to_host, use_device
+from .device import (
+    cpu_threads,
+    cuda_available,
+    get_device,
+    set_device,
+    to_device,
+    to_host,
+    use_device,
+)
 from .dropout import dropout_backward, dropout_forward
 from .softmax import log_softmax, softmax, softmax_cross_entropy
 
@@ -17,11 +25,14 @@ __all__ = [
     "BatchNormCache",
     "batch_norm_backward",
     "batch_norm_forward",
+    "cpu_threads",
     "cuda_available",
+    "data",
     "dropout_backward",
     "dropout_forward",
     "ewa",
     "get_device",
+    "gradcheck",
     "log_softmax",
     "nn",
     "optim",

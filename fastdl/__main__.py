@@ -1,21 +1,35 @@
-"""``python -m fastdl bench``: time the fused optimizers against NumPy (and PyTorch)."""
+"""``python -m fastdl demo`` trains a deep network on the digits end to end (the main job);
+``python -m fastdl bench`` times the fused optimizers against NumPy (and PyTorch)."""
 
-import argparse
 import sys
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="fastdl", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    bench = commands.add_parser("bench", help="time fastdl's optimizers against the NumPy "
-                                              "textbook version and PyTorch (if installed)")
-    bench.add_argument("--quick", action="store_true", help="shorter timing rounds")
-    args = parser.parse_args(argv)
-    if args.command == "bench":
-        from . import bench as bench_module
+    argv = sys.argv[1:] if argv is None else list(argv)
+    usage = ("usage: fastdl {demo,bench} [options]\n"
+             "  demo   train a network on the 8x8 digits with fastdl (--help for options)\n"
+             "  bench  time fastdl's optimizers against NumPy and PyTorch (--quick)")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "demo":
+        from .demo import run
 
-        bench_module.run(quick=args.quick)
-    return 0
+        return run(rest)
+    if command == "bench":
+        import argparse
+
+        from . import bench
+
+        parser = argparse.ArgumentParser(prog="fastdl bench", description="time fastdl's "
+                                         "optimizers against the NumPy textbook version and "
+                                         "PyTorch (if installed)")
+        parser.add_argument("--quick", action="store_true", help="shorter timing rounds")
+        bench.run(quick=parser.parse_args(rest).quick)
+        return 0
+    print(f"fastdl: unknown command {command!r}\n{usage}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -244,6 +244,78 @@ def textbook_batch_norm(x, gamma, beta, dy, axis, eps=1e-5):
     return y, dx, dgamma, dbeta
 
 
+class TextbookNetwork:
+    """The notes' L-layer network in NumPy, one array expression per formula line: blocks of
+    Linear (no bias) - batch norm - ReLU - inverted dropout, a Linear output, softmax
+    cross-entropy, Adam with L2 on the weights. Batch-first; float32."""
+
+    def __init__(self, sizes, dropout=0.1, seed=0, lr=1e-3, weight_decay=1e-4, momentum=0.1):
+        rng = np.random.default_rng(seed)
+        self.rng, self.p, self.weight_decay, self.momentum = rng, dropout, weight_decay, momentum
+        self.W = [(rng.standard_normal((n_out, n_in)) * np.sqrt(2 / n_in)).astype(np.float32)
+                  for n_in, n_out in zip(sizes[:-1], sizes[1:])]
+        hidden = sizes[1:-1]
+        self.gamma = [np.ones(n, np.float32) for n in hidden]
+        self.beta = [np.zeros(n, np.float32) for n in hidden]
+        self.running = [(np.zeros(n, np.float32), np.ones(n, np.float32)) for n in hidden]
+        self.b = np.zeros(sizes[-1], np.float32)
+        self.params = self.W + self.gamma + self.beta + [self.b]
+        self.opt = TextbookAdam(self.params, lr=lr)
+
+    @property
+    def lr(self):
+        return self.opt.lr
+
+    @lr.setter
+    def lr(self, value):
+        self.opt.lr = value
+
+    def forward(self, X, training=True):
+        A, caches = X, []
+        for l, (gamma, beta) in enumerate(zip(self.gamma, self.beta)):
+            Z = A @ self.W[l].T
+            if training:
+                mu, var = Z.mean(axis=0), Z.var(axis=0)
+                running_mean, running_var = self.running[l]
+                m = Z.shape[0]
+                running_mean[...] = (1 - self.momentum) * running_mean + self.momentum * mu
+                running_var[...] = ((1 - self.momentum) * running_var
+                                    + self.momentum * var * m / (m - 1))
+            else:
+                mu, var = self.running[l]
+            inv_std = 1 / np.sqrt(var + 1e-5)
+            xhat = (Z - mu) * inv_std
+            R = np.maximum(gamma * xhat + beta, 0)
+            mask = self.rng.random(R.shape, np.float32) >= self.p if training else None
+            caches.append((A, xhat, inv_std, R, mask))
+            A = R * mask / (1 - self.p) if training else R
+        return A @ self.W[-1].T + self.b, (A, caches)
+
+    def train_step(self, X, y):
+        logits, (A, caches) = self.forward(X)
+        loss, dlogits = textbook_cross_entropy(logits, y, 1)
+        dW = [None] * len(self.W)
+        dW[-1], db = dlogits.T @ A, dlogits.sum(axis=0)
+        dA = dlogits @ self.W[-1]
+        dgamma, dbeta = [None] * len(self.gamma), [None] * len(self.gamma)
+        for l in reversed(range(len(self.gamma))):
+            A_prev, xhat, inv_std, R, mask = caches[l]
+            dR = dA * mask / (1 - self.p)
+            dY = dR * (R > 0)
+            m = dY.shape[0]
+            dbeta[l], dgamma[l] = dY.sum(axis=0), (dY * xhat).sum(axis=0)
+            dZ = self.gamma[l] * inv_std * (dY - dbeta[l] / m - xhat * dgamma[l] / m)
+            dW[l] = dZ.T @ A_prev + self.weight_decay * self.W[l]
+            dA = dZ @ self.W[l]
+        dW[-1] = dW[-1] + self.weight_decay * self.W[-1]
+        self.opt.step(dW + dgamma + dbeta + [db])
+        return loss
+
+    def accuracy(self, X, y):
+        logits, _ = self.forward(X, training=False)
+        return float(np.mean(np.argmax(logits, axis=1) == y))
+
+
 BATCHNORM_IMPLEMENTATIONS = ("fastdl", "fastdl-serial", "numpy", "torch")
 
 

@@ -7,19 +7,32 @@ call to call when shapes repeat (a fresh 32 MB array costs page faults), so keep
 output you need past the next call.
 """
 
+import contextlib
+import math
+
 import numpy as np
 
-from . import _checks
+from . import _checks, _dense
 from .batchnorm import batch_norm_backward, batch_norm_forward
+from .device import cpu_threads, get_device, is_device_array, location, to_host
 from .dropout import dropout_backward, dropout_forward
 from .softmax import softmax_cross_entropy
 
 
 class Layer:
     """The layer protocol: ``train()`` / ``eval()`` switch ``training`` (and return the layer),
-    ``forward``, ``backward(dout)``, and ``params()`` / ``grads()`` (none here)."""
+    ``forward(x)``, ``backward(dout)`` (the gradient for the input; those of the parameters
+    are written into ``grads()``), and ``params()`` / ``grads()``: the arrays named by
+    ``param_names`` / ``grad_names``, in that order (none by default).
+
+    A container (:class:`Sequential`) may rebind those attributes to views of its own flat
+    buffers; layers only ever write their gradients in place.
+    """
 
     training = True
+    param_names = ()
+    grad_names = ()
+    decay_names = ()  # the params that L2 / weight decay applies to (weights, not biases)
 
     def train(self):
         self.training = True
@@ -30,45 +43,215 @@ class Layer:
         return self
 
     def params(self):
-        return []
+        return [getattr(self, name) for name in self.param_names]
 
     def grads(self):
-        return []
+        return [getattr(self, name) for name in self.grad_names]
+
+    def _out(self, name, shape, dtype, like):
+        """A reused output buffer of ``shape`` on ``like``'s device: fresh arrays cost page
+        faults, so a layer writes into the same buffer while shapes repeat."""
+        buffers = self.__dict__.setdefault("_buffers", {})
+        buffer = buffers.get(name)
+        if (buffer is None or tuple(buffer.shape) != tuple(shape) or buffer.dtype != dtype
+                or is_device_array(buffer) != is_device_array(like)):
+            buffer = buffers[name] = _dense.empty(tuple(shape), dtype, like)
+        return buffer
+
+
+def _check_layer_input(x, name, rank, dtype, device, shape_check=None):
+    if location(x) != device:
+        raise TypeError(f"{name} is on {location(x)} but the layer's parameters are on "
+                        f"{device}: move it with fd.to_device / fd.to_host")
+    if device == "cpu" and not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array; got {_checks.describe(x)}")
+    if x.dtype != dtype:
+        raise TypeError(f"{name} must have the layer's dtype {dtype}; got {x.dtype}")
+    if len(x.shape) != rank:
+        raise ValueError(f"{name} must have rank {rank}; got shape {tuple(x.shape)}")
+    if shape_check is not None:
+        shape_check(tuple(x.shape))
+
+
+def _check_count(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int; got {_checks.describe(value)}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1; got {value}")
+    return int(value)
+
+
+def _check_device(device):
+    device = get_device() if device is None else device
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be None, 'cpu' or 'cuda'; got {device!r}")
+    return device
+
+
+def _on_device(host, device):
+    """A host array's values in a new array on ``device``."""
+    return _dense.to_device_copy(host, device)
+
+
+class Linear(Layer):
+    """A fully connected layer, W of shape (n_out, n_in) as in the notes and PyTorch::
+
+        feature_axis=-1 (batch-first, x (N, n_in)):        y = x @ W.T + b
+        feature_axis=0  (the notes' A (n_in, m), Z (n_out, m)):  Z = W @ A + b
+
+    ``init``: "he" draws W from N(0, 2 / n_in) (for ReLU), "xavier" from N(0, 1 / n_in) (for
+    tanh), as the notes; b starts at 0. ``bias=False`` drops b (a following BatchNorm's beta
+    takes its place, as the notes say). ``seed`` seeds the initialization; ``device`` defaults
+    to the selected one. Backward: dW = dy.T @ x, db = sum(dy), dx = dy @ W (transposed for the
+    notes' layout); matrix products run on BLAS (CPU) or cuBLAS / fastdl's kernel (GPU).
+    """
+
+    decay_names = ("W",)
+
+    def __init__(self, n_in, n_out, bias=True, init="he", feature_axis=-1, dtype=np.float32,
+                 seed=None, device=None):
+        self.n_in, self.n_out = _check_count(n_in, "n_in"), _check_count(n_out, "n_out")
+        if init not in ("he", "xavier"):
+            raise ValueError(f"init must be 'he' or 'xavier'; got {init!r}")
+        if feature_axis not in (-1, 0, 1):
+            raise ValueError(f"feature_axis must be -1 (batch-first) or 0 (the notes' "
+                             f"(features, examples)); got {feature_axis!r}")
+        self.feature_axis = -1 if feature_axis == 1 else feature_axis
+        self.dtype = _checks.float_dtype(dtype, "dtype")
+        self.device = _check_device(device)
+        scale = math.sqrt((2.0 if init == "he" else 1.0) / self.n_in)
+        weights = np.random.default_rng(seed).standard_normal((self.n_out, self.n_in)) * scale
+        self.W = _on_device(weights.astype(self.dtype), self.device)
+        self.dW = _dense.zeros((self.n_out, self.n_in), self.dtype, self.device)
+        self.param_names, self.grad_names = ("W",), ("dW",)
+        if bias:
+            self.b = _dense.zeros(self.n_out, self.dtype, self.device)
+            self.db = _dense.zeros(self.n_out, self.dtype, self.device)
+            self.param_names, self.grad_names = ("W", "b"), ("dW", "db")
+        self.init = init
+        self._x = None
+
+    def _check_shape(self, shape):
+        if shape[self.feature_axis] != self.n_in:
+            raise ValueError(f"x must have {self.n_in} features along axis "
+                             f"{self.feature_axis}; got shape {shape}")
+
+    def forward(self, x):
+        _check_layer_input(x, "x", 2, self.dtype, self.device, self._check_shape)
+        if self.feature_axis == 0:
+            y = self._out("y", (self.n_out, x.shape[1]), self.dtype, x)
+            _dense.matmul(self.W, x, y)
+        else:
+            y = self._out("y", (x.shape[0], self.n_out), self.dtype, x)
+            _dense.matmul(x, self.W, y, transpose_b=True)
+        if "b" in self.param_names:
+            _dense.add_bias(y, self.b, self.feature_axis)
+        self._x = x
+        return y
+
+    def backward(self, dout):
+        if self._x is None:
+            raise ValueError("backward needs a forward first")
+        x = self._x
+        expected = (self.n_out, x.shape[1]) if self.feature_axis == 0 else (x.shape[0],
+                                                                            self.n_out)
+        _check_layer_input(dout, "dout", 2, self.dtype, self.device,
+                           lambda shape: _expect_shape(shape, expected, "dout"))
+        dx = self._out("dx", tuple(x.shape), self.dtype, x)
+        if self.feature_axis == 0:
+            _dense.matmul(dout, x, self.dW, transpose_b=True)
+            _dense.matmul(self.W, dout, dx, transpose_a=True)
+        else:
+            _dense.matmul(dout, x, self.dW, transpose_a=True)
+            _dense.matmul(dout, self.W, dx)
+        if "b" in self.param_names:
+            _dense.bias_grad(dout, self.feature_axis, self.db)
+        return dx
+
+    def __repr__(self):
+        return (f"Linear({self.n_in}, {self.n_out}, bias={'b' in self.param_names}, "
+                f"init={self.init!r}, feature_axis={self.feature_axis})")
+
+
+def _expect_shape(shape, expected, name):
+    if shape != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}; got {shape}")
+
+
+class _Activation(Layer):
+    kind = None
+
+    def forward(self, x):
+        if location(x) == "cpu" and not isinstance(x, np.ndarray):
+            raise TypeError(f"x must be a NumPy or GPU array; got {_checks.describe(x)}")
+        if x.dtype not in _checks.FLOAT_DTYPES:
+            raise TypeError(f"x must have dtype float32 or float64; got {x.dtype}")
+        y = self._out("y", x.shape, x.dtype, x)
+        _dense.activation(self.kind, x, y)
+        self._saved = x if self.kind == "relu" else y
+        return y
+
+    def backward(self, dout):
+        saved = self.__dict__.get("_saved")
+        if saved is None:
+            raise ValueError("backward needs a forward first")
+        _check_layer_input(dout, "dout", len(saved.shape), saved.dtype, location(saved),
+                           lambda shape: _expect_shape(shape, saved.shape, "dout"))
+        dx = self._out("dx", saved.shape, saved.dtype, saved)
+        return _dense.activation_backward(self.kind, dout, saved, dx)
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class ReLU(_Activation):
+    """y = max(x, 0); dx = dout * (x > 0)."""
+
+    kind = "relu"
+
+
+class Tanh(_Activation):
+    """y = tanh(x); dx = dout * (1 - y**2)."""
+
+    kind = "tanh"
 
 
 class BatchNorm(Layer):
-    """Batch normalization over ``num_features`` channels at ``channel_axis`` (SPEC.md).
+    """Batch normalization over ``num_features`` channels at ``channel_axis`` (SPEC.md): 1 for
+    batch-first (N, C) / (N, C, H, W), 0 for the notes' (features, examples), -1 for
+    channels-last.
 
     ``gamma`` (ones) and ``beta`` (zeros) are learned; running statistics (mean 0, variance 1)
     are tracked in training and used in ``eval()`` mode. ``population=K`` keeps K models'
     parameters and statistics, shape (K, num_features), for inputs with a leading K axis.
-    ``storage`` / ``grad_storage``: two arrays each (gamma, beta) to hold the parameters and
-    their gradients, e.g. views of a container's flat buffer; they are filled here.
+    ``storage`` / ``grad_storage``: two host arrays each (gamma, beta) to hold the parameters
+    and their gradients, e.g. views of a container's flat buffer; they are filled here.
+    ``device`` defaults to the selected one.
     """
 
+    param_names = ("gamma", "beta")
+    grad_names = ("dgamma", "dbeta")
+
     def __init__(self, num_features, momentum=0.1, eps=1e-5, channel_axis=1, dtype=np.float32,
-                 population=None, storage=None, grad_storage=None):
-        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
-            raise TypeError(f"num_features must be an int; got "
-                            f"{_checks.describe(num_features)}")
-        if num_features < 1:
-            raise ValueError(f"num_features must be >= 1; got {num_features}")
+                 population=None, storage=None, grad_storage=None, device=None):
+        num_features = _check_count(num_features, "num_features")
         self.dtype = _checks.float_dtype(dtype, "dtype")
         if population is not None and (isinstance(population, bool) or population < 1):
             raise ValueError(f"population must be None or a number of models >= 1; got "
                              f"{population!r}")
         self.population = population
+        self.device = _check_device(device)
         shape = (num_features,) if population is None else (population, num_features)
         self.gamma, self.beta = self._buffers(storage, shape, "storage", (1.0, 0.0))
         self.dgamma, self.dbeta = self._buffers(grad_storage, shape, "grad_storage", (0.0, 0.0))
-        self.running_mean = np.zeros(shape, self.dtype)
-        self.running_var = np.ones(shape, self.dtype)
+        self.running_mean = _dense.zeros(shape, self.dtype, self.device)
+        self.running_var = _on_device(np.ones(shape, self.dtype), self.device)
         self.momentum, self.eps, self.channel_axis = momentum, eps, channel_axis
-        self._cache = self._y = self._dx = None
+        self._cache = None
 
     def _buffers(self, given, shape, name, values):
         if given is None:
-            return [np.full(shape, v, self.dtype) for v in values]
+            return [_on_device(np.full(shape, v, self.dtype), self.device) for v in values]
         given = list(given)
         if len(given) != 2:
             raise ValueError(f"{name} must hold two arrays (gamma, beta); got {len(given)}")
@@ -81,45 +264,27 @@ class BatchNorm(Layer):
 
     def forward(self, x):
         """Normalize ``x`` (batch statistics in training, running ones in eval mode)."""
-        if self._y is None or self._y.shape != x.shape or self._y.dtype != x.dtype:
-            self._y = np.empty_like(x)
         y, self._cache = batch_norm_forward(
             x, self.gamma, self.beta, self.running_mean, self.running_var,
             training=self.training, momentum=self.momentum, eps=self.eps,
             channel_axis=self.channel_axis, population=self.population is not None,
-            out=self._y)
+            out=self._out("y", x.shape, x.dtype, x))
         return y
 
     def backward(self, dout):
-        """Store dgamma and dbeta; return the gradient for the input."""
+        """Write dgamma and dbeta; return the gradient for the input."""
         if self._cache is None:
             raise ValueError("backward needs a forward first")
-        if self._dx is None or self._dx.shape != dout.shape or self._dx.dtype != dout.dtype:
-            self._dx = np.empty_like(dout)
-        dx, dgamma, dbeta = batch_norm_backward(dout, self._cache, out=self._dx)
-        self.dgamma[...] = dgamma
-        self.dbeta[...] = dbeta
+        dx, dgamma, dbeta = batch_norm_backward(dout, self._cache,
+                                                out=self._out("dx", dout.shape, dout.dtype,
+                                                              dout))
+        _dense.assign(self.dgamma, dgamma)
+        _dense.assign(self.dbeta, dbeta)
         return dx
-
-    def params(self):
-        return [self.gamma, self.beta]
-
-    def grads(self):
-        return [self.dgamma, self.dbeta]
 
     def __repr__(self):
         return (f"BatchNorm({self.gamma.shape[-1]}, channel_axis={self.channel_axis}, "
                 f"momentum={self.momentum}, eps={self.eps}, training={self.training})")
-
-
-def _host_buffer(buffer, like):
-    """``buffer`` when it can take an output like ``like`` (a NumPy array), else a new one;
-    None for device arrays (the function allocates beside its input)."""
-    if not isinstance(like, np.ndarray):
-        return None
-    if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype:
-        return np.empty_like(like)
-    return buffer
 
 
 class Dropout(Layer):
@@ -142,7 +307,7 @@ class Dropout(Layer):
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise TypeError(f"seed must be an int or None; got {_checks.describe(seed)}")
         self.seed, self.population, self.calls = int(seed), population, 0
-        self._mask = self._y = self._dx = None
+        self._mask = None
 
     def forward(self, x):
         if not self.training:
@@ -151,14 +316,9 @@ class Dropout(Layer):
         # distinct (seed, call) pairs give distinct generator keys (seeds below 2**32)
         seed = (self.seed << 32) + self.calls
         self.calls += 1
-        self._y = _host_buffer(self._y, x)
-        mask_out = None
-        if isinstance(x, np.ndarray):
-            if self._mask is None or self._mask.shape != x.shape:
-                self._mask = np.empty(x.shape, np.bool_)
-            mask_out = self._mask
         y, self._mask = dropout_forward(x, self.p, seed, population=self.population is not None,
-                                        out=self._y, mask_out=mask_out)
+                                        out=self._out("y", x.shape, x.dtype, x),
+                                        mask_out=self._out("mask", x.shape, np.bool_, x))
         return y
 
     def backward(self, dout):
@@ -167,8 +327,8 @@ class Dropout(Layer):
             return dout
         if self._mask is None:
             raise ValueError("backward needs a training forward first")
-        self._dx = _host_buffer(self._dx, dout)
-        return dropout_backward(dout, self._mask, self.p, out=self._dx)
+        return dropout_backward(dout, self._mask, self.p,
+                                out=self._out("dx", dout.shape, dout.dtype, dout))
 
     def __repr__(self):
         return f"Dropout(p={self.p}, training={self.training})"
@@ -191,7 +351,7 @@ class SoftmaxCrossEntropy(Layer):
     def forward(self, logits, target):
         """The loss of ``logits`` (classes along ``axis``) against ``target`` (class indices
         or probabilities); the gradient is kept for :meth:`backward`."""
-        out = _host_buffer(self._grad, logits)
+        out = self._out("dlogits", logits.shape, logits.dtype, logits)
         loss, self._grad = softmax_cross_entropy(logits, target, out=out, **self.options)
         return loss
 
@@ -202,9 +362,139 @@ class SoftmaxCrossEntropy(Layer):
         if not _checks.is_real_scalar(dout):
             raise TypeError(f"dout must be a number; got {_checks.describe(dout)}")
         if dout != 1:
-            self._grad *= self._grad.dtype.type(dout)
+            _dense.scale(self._grad, dout)
         return self._grad
 
     def __repr__(self):
         options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"SoftmaxCrossEntropy({options})"
+
+
+class Sequential(Layer):
+    """Layers applied in order; their parameters and gradients live in one flat buffer each,
+    so that ``fastdl.optim`` steps the whole network with one kernel launch.
+
+    The buffers hold the params that weight decay applies to (Linear weights) first, then the
+    rest (biases, BatchNorm's gamma and beta): :meth:`param_groups` gives the two groups as
+    neighbouring ranges of the buffer, still one launch. ``params()`` / ``grads()`` list them
+    in that order. The layers' own attributes are rebound to views of the buffers.
+
+    Example::
+
+        model = fd.nn.Sequential(fd.nn.Linear(64, 128, bias=False), fd.nn.BatchNorm(128),
+                                 fd.nn.ReLU(), fd.nn.Linear(128, 10))
+        opt = fd.optim.Adam(model.param_groups(weight_decay=1e-4), lr=1e-3)
+        loss = loss_fn.forward(model.forward(x), y)
+        model.backward(loss_fn.backward()); opt.step(model.grads())
+    """
+
+    def __init__(self, *layers):
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"layers[{i}] must be a fastdl.nn layer; got "
+                                f"{_checks.describe(layer)}")
+        self.layers = list(layers)
+        slots = [(layer, name, grad, name in layer.decay_names) for layer in layers
+                 for name, grad in zip(layer.param_names, layer.grad_names)]
+        slots.sort(key=lambda slot: not slot[3])  # decayed first; stable within each part
+        arrays = [getattr(layer, name) for layer, name, _, _ in slots]
+        dtypes = {np.dtype(a.dtype) for a in arrays}
+        devices = {location(a) for a in arrays}
+        if len(dtypes) > 1 or len(devices) > 1:
+            raise ValueError(f"all parameters must have one dtype and live on one device; got "
+                             f"{sorted(map(str, dtypes))} on {sorted(devices)}")
+        self.n_decayed = sum(slot[3] for slot in slots)
+        self._slots = slots
+        if not slots:
+            return
+        dtype, device = dtypes.pop(), devices.pop()
+        sizes = [math.prod(a.shape) for a in arrays]
+        offsets = np.cumsum([0] + sizes)
+        self.flat_params = _dense.zeros(int(offsets[-1]), dtype, device)
+        self.flat_grads = _dense.zeros(int(offsets[-1]), dtype, device)
+        for i, (layer, name, grad, _) in enumerate(slots):
+            shape = tuple(arrays[i].shape)
+            view = self.flat_params[offsets[i]:offsets[i + 1]].reshape(shape)
+            _dense.assign(view, arrays[i])
+            setattr(layer, name, view)
+            setattr(layer, grad, self.flat_grads[offsets[i]:offsets[i + 1]].reshape(shape))
+
+    def train(self):
+        for layer in self.layers:
+            layer.train()
+        return super().train()
+
+    def eval(self):
+        for layer in self.layers:
+            layer.eval()
+        return super().eval()
+
+    def forward(self, x):
+        with _threads_beside_blas(x):
+            for layer in self.layers:
+                x = layer.forward(x)
+        return x
+
+    def backward(self, dout):
+        with _threads_beside_blas(dout):
+            for layer in reversed(self.layers):
+                dout = layer.backward(dout)
+        return dout
+
+    def params(self):
+        return [getattr(layer, name) for layer, name, _, _ in self._slots]
+
+    def grads(self):
+        return [getattr(layer, grad) for layer, _, grad, _ in self._slots]
+
+    def param_groups(self, weight_decay=0.0):
+        """PyTorch-style groups for ``fastdl.optim``: the weights with ``weight_decay`` (L2, or
+        decoupled for AdamW), the biases and BatchNorm's gamma and beta without."""
+        params = self.params()
+        groups = [{"params": params[:self.n_decayed], "weight_decay": weight_decay},
+                  {"params": params[self.n_decayed:], "weight_decay": 0.0}]
+        return [group for group in groups if group["params"]]
+
+    def __repr__(self):
+        inner = "".join(f"\n  {layer!r}," for layer in self.layers)
+        return f"Sequential({inner}\n)"
+
+
+def _threads_beside_blas(x):
+    """On the CPU, fastdl's kernels run single-threaded between BLAS products, which take the
+    cores (:func:`fastdl.cpu_threads` says why)."""
+    return contextlib.nullcontext() if is_device_array(x) else cpu_threads(1)
+
+
+class EarlyStopping:
+    """Stop training when the dev loss has not improved by more than ``min_delta`` for
+    ``patience`` epochs; keeps a host copy of the parameters at the best dev loss.
+
+    ``stop = stopper.step(dev_loss)`` after each epoch; ``stopper.restore()`` puts the best
+    parameters back into the model.
+    """
+
+    def __init__(self, model, patience=5, min_delta=0.0):
+        if not isinstance(model, Layer):
+            raise TypeError(f"model must be a fastdl.nn layer; got {_checks.describe(model)}")
+        self.model, self.min_delta = model, float(min_delta)
+        self.patience = _check_count(patience, "patience")
+        self.best_loss, self.best_epoch, self.epoch = math.inf, None, -1
+        self.best_params = None
+
+    def step(self, dev_loss):
+        """Record one epoch's dev loss; True when training should stop."""
+        self.epoch += 1
+        dev_loss = float(dev_loss)
+        if dev_loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_epoch = dev_loss, self.epoch
+            self.best_params = [np.array(to_host(p)) for p in self.model.params()]
+        return self.epoch - self.best_epoch >= self.patience if self.best_epoch is not None \
+            else self.epoch + 1 >= self.patience
+
+    def restore(self):
+        """Copy the parameters of the best epoch back into the model."""
+        if self.best_params is None:
+            raise ValueError("restore needs at least one step with a finite dev loss")
+        for p, best in zip(self.model.params(), self.best_params):
+            _dense.assign(p, best)

@@ -261,3 +261,33 @@ def dropout(x, mask, p):
     with np.errstate(divide="ignore"):
         scale = np.where(p < 1, 1 / (1 - p), 0.0).astype(x.dtype)
     return x * mask * scale
+
+
+# -- the toolkit's layers (the notes' forward and backward, one line per formula) ---------------
+
+
+def linear_forward(x, W, b, feature_axis=-1):
+    """Batch-first: y = x W^T + b (x (N, n_in)); the notes' layout: Z = W A + b (A (n_in, m))."""
+    if feature_axis == 0:
+        return W @ x + (0 if b is None else b[:, None])
+    return x @ W.T + (0 if b is None else b)
+
+
+def linear_backward(dy, x, W, feature_axis=-1):
+    """(dx, dW, db) of linear_forward."""
+    if feature_axis == 0:
+        return W.T @ dy, dy @ x.T, dy.sum(axis=1)
+    return dy @ W, dy.T @ x, dy.sum(axis=0)
+
+
+def relu(x):
+    return np.maximum(x, 0)
+
+
+def relu_backward(dy, x):
+    return dy * (x > 0)
+
+
+def tanh_backward(dy, y):
+    """y = tanh(x): dx = dy * (1 - y**2)."""
+    return dy * (1 - y * y)

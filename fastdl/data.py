@@ -1,0 +1,88 @@
+"""Data handling for training, as the notes teach it: seeded shuffling into mini-batches (the
+last, smaller batch kept), a train / dev / test split, and input normalization fitted on the
+training split only.
+
+``axis`` is the examples axis of ``X``: 0 for batch-first (m, n_x), 1 for the notes'
+(n_x, m). Labels ``Y`` of rank 1 are indexed along their only axis, others along ``axis``.
+"""
+
+import numpy as np
+
+from . import _checks
+
+
+def _check_pair(X, Y, axis):
+    if not isinstance(X, np.ndarray):
+        raise TypeError(f"X must be a NumPy array; got {_checks.describe(X)}")
+    if axis not in (0, 1) or X.ndim < axis + 1:
+        raise ValueError(f"axis (the examples axis) must be 0 or 1 and exist in X of shape "
+                         f"{X.shape}; got {axis!r}")
+    m = X.shape[axis]
+    if Y is not None:
+        if not isinstance(Y, np.ndarray):
+            raise TypeError(f"Y must be a NumPy array or None; got {_checks.describe(Y)}")
+        y_axis = 0 if Y.ndim == 1 else axis
+        if Y.shape[y_axis] != m:
+            raise ValueError(f"Y must have X's {m} examples along axis {y_axis}; got shape "
+                             f"{Y.shape}")
+    return m
+
+
+def _take(a, index, axis):
+    return None if a is None else np.take(a, index, axis=0 if a.ndim == 1 else axis)
+
+
+def minibatches(X, Y=None, batch_size=64, seed=None, axis=0, shuffle=True):
+    """Yield ``(X_batch, Y_batch)`` covering every example once: a seeded permutation cut into
+    batches of ``batch_size``, the last one smaller when m is not a multiple. Batches are
+    C-contiguous copies (``Y_batch`` None without Y)."""
+    m = _check_pair(X, Y, axis)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+    order = np.random.default_rng(seed).permutation(m) if shuffle else np.arange(m)
+    for start in range(0, m, batch_size):
+        index = order[start:start + batch_size]
+        yield np.ascontiguousarray(_take(X, index, axis)), \
+            (None if Y is None else np.ascontiguousarray(_take(Y, index, axis)))
+
+
+def train_dev_test_split(X, Y, fractions=(0.8, 0.1, 0.1), seed=0, axis=0):
+    """Shuffle (seeded) and split into ``((X_train, Y_train), (X_dev, Y_dev), (X_test,
+    Y_test))`` by ``fractions`` (summing to 1; the test part takes what rounding leaves)."""
+    m = _check_pair(X, Y, axis)
+    fractions = np.asarray(fractions, np.float64)
+    if fractions.shape != (3,) or np.any(fractions < 0) or not np.isclose(fractions.sum(), 1):
+        raise ValueError(f"fractions must be three numbers >= 0 summing to 1; got "
+                         f"{fractions.tolist()}")
+    order = np.random.default_rng(seed).permutation(m)
+    n_train, n_dev = int(round(fractions[0] * m)), int(round(fractions[1] * m))
+    parts = np.split(order, [n_train, n_train + n_dev])
+    return tuple((np.ascontiguousarray(_take(X, p, axis)),
+                  np.ascontiguousarray(_take(Y, p, axis))) for p in parts)
+
+
+class Standardizer:
+    """Input normalization: ``fit`` on the training split takes each feature's mean and
+    standard deviation over the examples; ``transform`` applies ``(X - mean) / std`` to any
+    split with the *training* statistics (features with no spread are only centered)."""
+
+    def __init__(self, axis=0, eps=1e-8):
+        self.axis, self.eps = axis, eps
+        self.mean = self.std = None
+
+    def fit(self, X):
+        _check_pair(X, None, self.axis)
+        self.mean = X.mean(axis=self.axis, keepdims=True)
+        std = X.std(axis=self.axis, keepdims=True)
+        self.std = np.where(std > self.eps, std, 1.0)
+        return self
+
+    def transform(self, X, dtype=None):
+        if self.mean is None:
+            raise ValueError("transform needs fit (on the training split) first")
+        out = (X - self.mean) / self.std
+        return np.ascontiguousarray(out, dtype=dtype or X.dtype)
+
+    def fit_transform(self, X, dtype=None):
+        return self.fit(X).transform(X, dtype)

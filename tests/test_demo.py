@@ -1,0 +1,72 @@
+"""The main job: ``python -m fastdl demo`` trains on the digits and reports; a few epochs reach
+the stated accuracy; the same seed gives the same numbers."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from fastdl import demo
+
+
+def test_a_few_epochs_on_the_digits_reach_the_accuracy_band():
+    splits = demo.load_digits(seed=0)
+    model = demo.build_network(seed=0)
+    history = demo.train(model, splits, epochs=4)
+    assert len(history.train_loss) == 4
+    assert history.train_loss[-1] < history.train_loss[0]
+    X_test, y_test = splits[2]
+    assert demo.accuracy(model, X_test, y_test) >= 0.93
+    # SPEC's schedule: lr0 / (1 + 0.05 epoch)
+    np.testing.assert_allclose(history.lr, [2e-3 / (1 + 0.05 * e) for e in range(4)])
+
+
+def test_same_seed_same_numbers():
+    runs = []
+    for _ in range(2):
+        splits = demo.load_digits(seed=3)
+        history = demo.train(demo.build_network(seed=3), splits, epochs=2, seed=3)
+        runs.append((history.train_loss, history.dev_loss))
+    assert runs[0] == runs[1]
+
+
+def test_splits_are_normalized_with_training_statistics():
+    (X_train, y_train), (X_dev, _), (X_test, _) = demo.load_digits(seed=0)
+    assert X_train.dtype == np.float32 and y_train.dtype == np.int64
+    assert len(y_train) + len(X_dev) + len(X_test) == 1797
+    np.testing.assert_allclose(X_train.mean(axis=0), 0, atol=1e-5)
+    assert abs(X_dev.mean()) > 1e-4  # other splits are not re-centred on their own
+
+
+def test_diagnosis_reads_bias_and_variance():
+    assert "high bias" in demo.diagnosis(0.20, 0.21)
+    assert "high variance" in demo.diagnosis(0.0, 0.10)
+    assert "low bias and low variance" in demo.diagnosis(0.005, 0.01)
+
+
+def test_demo_command_runs_and_reports(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "fastdl", "demo", "--epochs", "3",
+                             "--no-progress", "--out", str(out), "--compare", "--seed", "1"],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "FASTDL_DEVICE": "cpu"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("device: cpu")
+    assert any(line.startswith("epoch 3/3: loss") for line in lines)
+    assert any(line.startswith("train accuracy: ") and "dev accuracy: " in line
+               for line in lines)
+    assert any(line.startswith("diagnosis: avoidable bias") for line in lines)
+    assert any(line.startswith("time: ") for line in lines)
+    assert any(line.startswith("numpy textbook: ") for line in lines)
+    assert lines[-1].startswith("test accuracy: 0.")
+    assert float(lines[-1].split(": ")[1]) >= 0.9
+    png = out / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_command_is_an_error():
+    result = subprocess.run([sys.executable, "-m", "fastdl", "train"], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and "unknown command" in result.stderr
