@@ -16,6 +16,7 @@ from fastdl.device import is_device_array
 from fastdl.kernels import (  # noqa: F401  (importing registers the kernels)
     batchnorm_cuda,
     cudalib,
+    dense_cuda,
     dropout_cuda,
     optim_cuda,
     softmax_cuda,

@@ -1,0 +1,174 @@
+"""Dense-layer kernels for CUDA GPUs: the matrix product (used when CuPy, hence cuBLAS, is not
+installed), bias, ReLU and tanh. ``fastdl/_dense.py`` is their CPU side (NumPy and BLAS).
+
+* ``matmul_cuda``: out = op(a) @ op(b) by TILE x TILE tiles in shared memory (TILE = 16 on a
+  GPU, 256 threads a block; 5 in the simulator). A block computes one tile of out at a time
+  (grid-stride over tiles); each step loads one tile of op(a) and one of op(b), each thread
+  one element, with neighbouring threads on neighbouring addresses whether or not the operand
+  is transposed (coalesced), then accumulates TILE products from shared memory.
+* ``add_bias_cuda``, ``activation_cuda``, ``activation_backward_cuda``, ``scale_cuda``:
+  grid-stride elementwise passes.
+* ``column_sums_cuda``: the bias gradient of batch-first dy (N, F): a thread per feature,
+  neighbouring threads on neighbouring columns of each row; the notes' layout (F, m) sums rows
+  with ``sum_per_model_cuda`` (a block per row, shared-memory tree).
+
+Constants come in the arrays' dtype (``zero``, ``one``, ``alpha`` arguments), so float32
+kernels run no float64 instruction.
+"""
+
+import math
+
+import numpy as np
+from numba import types
+from numba.np.numpy_support import from_dtype
+
+from .cudalib import THREADS_PER_BLOCK, array, as_cuda_array, cuda, kernel, launch
+from .softmax_cuda import sum_per_model
+
+DTYPES = (np.float32, np.float64)
+I64 = types.int64
+TILE = math.isqrt(THREADS_PER_BLOCK)
+RELU, TANH = 0, 1
+
+
+def _scalar(dtype):
+    return from_dtype(np.dtype(dtype))
+
+
+@kernel([(array(d, 2), array(d, 2), I64, I64, _scalar(d), array(d, 2)) for d in DTYPES])
+def matmul_cuda(a, b, transpose_a, transpose_b, alpha, out):
+    """out (M, N) = alpha * op(a) (M, K) @ op(b) (K, N)."""
+    tile_a = cuda.shared.array((TILE, TILE), a.dtype)  # tile_a[r, k] = op(a)[row0 + r, k0 + k]
+    tile_b = cuda.shared.array((TILE, TILE), a.dtype)  # tile_b[k, c] = op(b)[k0 + k, col0 + c]
+    tid = cuda.threadIdx.x
+    ty, tx = tid // TILE, tid % TILE
+    active = tid < TILE * TILE
+    n_rows, n_cols = out.shape
+    depth = a.shape[0] if transpose_a else a.shape[1]
+    zero = alpha - alpha
+    tiles_c = (n_cols + TILE - 1) // TILE
+    n_tiles = ((n_rows + TILE - 1) // TILE) * tiles_c
+    for t in range(cuda.blockIdx.x, n_tiles, cuda.gridDim.x):
+        row0, col0 = (t // tiles_c) * TILE, (t % tiles_c) * TILE
+        acc = zero
+        for k0 in range(0, depth, TILE):
+            if active:
+                # thread (ty, tx) reads the element tx along the operand's contiguous axis
+                if transpose_a:  # a (K, M): op(a)[r, k] = a[k, r]
+                    k, r = k0 + ty, row0 + tx
+                    tile_a[tx, ty] = a[k, r] if k < depth and r < n_rows else zero
+                else:
+                    r, k = row0 + ty, k0 + tx
+                    tile_a[ty, tx] = a[r, k] if r < n_rows and k < depth else zero
+                if transpose_b:  # b (N, K): op(b)[k, c] = b[c, k]
+                    c, k = col0 + ty, k0 + tx
+                    tile_b[tx, ty] = b[c, k] if c < n_cols and k < depth else zero
+                else:
+                    k, c = k0 + ty, col0 + tx
+                    tile_b[ty, tx] = b[k, c] if k < depth and c < n_cols else zero
+            cuda.syncthreads()
+            if active:
+                for kk in range(TILE):
+                    acc += tile_a[ty, kk] * tile_b[kk, tx]
+            cuda.syncthreads()
+        row, col = row0 + ty, col0 + tx
+        if active and row < n_rows and col < n_cols:
+            out[row, col] = alpha * acc
+
+
+@kernel([(array(d), array(d), I64, I64) for d in DTYPES])
+def add_bias_cuda(y, bias, n_features, inner):
+    """y += bias[f] with y flat, feature f of element i = (i // inner) % n_features."""
+    for i in range(cuda.grid(1), y.shape[0], cuda.gridsize(1)):
+        y[i] += bias[(i // inner) % n_features]
+
+
+@kernel([(array(d, 2), array(d)) for d in DTYPES])
+def column_sums_cuda(dy, out):
+    """out[f] = sum over rows of dy[:, f]."""
+    n_rows, n_cols = dy.shape
+    for f in range(cuda.grid(1), n_cols, cuda.gridsize(1)):
+        total = dy[0, f]
+        for r in range(1, n_rows):
+            total += dy[r, f]
+        out[f] = total
+
+
+@kernel([(array(d), I64, _scalar(d), array(d)) for d in DTYPES])
+def activation_cuda(x, kind, zero, y):
+    """ReLU: y = max(x, 0) (NaN stays NaN); TANH: y = tanh(x)."""
+    for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+        v = x[i]
+        if kind == RELU:
+            y[i] = zero if v <= zero else v
+        else:
+            y[i] = math.tanh(v)
+
+
+@kernel([(array(d), array(d), I64, _scalar(d), _scalar(d), array(d)) for d in DTYPES])
+def activation_backward_cuda(dy, saved, kind, zero, one, dx):
+    """ReLU (saved = x): dx = dy * (x > 0); TANH (saved = y): dx = dy * (1 - y**2)."""
+    for i in range(cuda.grid(1), dy.shape[0], cuda.gridsize(1)):
+        s = saved[i]
+        if kind == RELU:
+            dx[i] = dy[i] if s > zero else dy[i] * zero
+        else:
+            dx[i] = dy[i] * (one - s * s)
+
+
+@kernel([(array(d), _scalar(d)) for d in DTYPES])
+def scale_cuda(a, factor):
+    """a *= factor."""
+    for i in range(cuda.grid(1), a.shape[0], cuda.gridsize(1)):
+        a[i] *= factor
+
+
+# -- launchers (device arrays, checked by fastdl.nn) --------------------------------------------
+
+
+def _flat(a):
+    a = as_cuda_array(a)
+    return a.reshape(a.size) if len(a.shape) != 1 else a
+
+
+def _items(size):
+    return -(-size // THREADS_PER_BLOCK)
+
+
+def matmul(a, b, out, transpose_a, transpose_b):
+    out = as_cuda_array(out)
+    n_tiles = -(-out.shape[0] // TILE) * -(-out.shape[1] // TILE)
+    launch(matmul_cuda, n_tiles, as_cuda_array(a), as_cuda_array(b), int(transpose_a),
+           int(transpose_b), out.dtype.type(1), out)
+
+
+def add_bias(y, bias, feature_axis):
+    y = as_cuda_array(y)
+    inner = y.shape[1] if feature_axis == 0 else 1
+    launch(add_bias_cuda, _items(y.size), _flat(y), as_cuda_array(bias), bias.shape[0], inner)
+
+
+def bias_grad(dy, feature_axis, out):
+    dy = as_cuda_array(dy)
+    if feature_axis == 0:  # (F, m): one row per feature
+        ones = cuda.to_device(np.ones(dy.shape[0], dy.dtype))
+        as_cuda_array(out).copy_to_device(sum_per_model(_flat(dy), dy.shape[0], ones))
+    else:
+        launch(column_sums_cuda, _items(dy.shape[1]), dy, as_cuda_array(out))
+
+
+def activation(kind, x, out):
+    x = _flat(x)
+    launch(activation_cuda, _items(x.shape[0]), x, RELU if kind == "relu" else TANH,
+           x.dtype.type(0), _flat(out))
+
+
+def activation_backward(kind, dy, saved, out):
+    dy = _flat(dy)
+    launch(activation_backward_cuda, _items(dy.shape[0]), dy, _flat(saved),
+           RELU if kind == "relu" else TANH, dy.dtype.type(0), dy.dtype.type(1), _flat(out))
+
+
+def scale(a, factor):
+    a = _flat(a)
+    launch(scale_cuda, _items(a.shape[0]), a, a.dtype.type(factor))
