@@ -39,6 +39,17 @@ def main(path):
                 _row(case.name, key, times, moved,
                      ("fastdl", "fastdl-serial", "numpy", "torch"))
             print()
+    if any(key in moved for key in bench.EPOCH_CASES):
+        print("| one training epoch | fastdl | NumPy textbook | PyTorch | vs NumPy | "
+              "vs PyTorch |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for key, case in bench.EPOCH_CASES.items():
+            if (key, "fastdl") in times:
+                others = [times.get((key, i)) for i in ("fastdl", "numpy", "torch")]
+                cells = [case.name] + [_ms(t) for t in others] + [
+                    _ratio(t, others[0]) for t in others[1:]]
+                print("| " + " | ".join(cells) + " |")
+        print()
     if triad:
         print(f"Memory bandwidth in the same run (STREAM triad, 2 threads): {triad:.0f} GB/s. "
               "Times are the best of each benchmark's rounds.")

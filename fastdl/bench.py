@@ -496,3 +496,102 @@ def make_dropout_step(case, implementation, p=0.5, seed=0):
         return step
     raise ValueError(f"implementation must be one of {SOFTMAX_IMPLEMENTATIONS}; got "
                      f"{implementation!r}")
+
+
+# -- one training epoch of a whole network ------------------------------------------------------
+
+
+@dataclass
+class EpochCase:
+    """One epoch of Linear - BatchNorm - ReLU - Dropout(0.1) blocks, softmax cross-entropy and
+    Adam (L2 1e-4 on the weights), batch-first float32; ``data`` "digits" (the demo's
+    training split) or "synthetic" (``n_examples`` Gaussian examples)."""
+
+    name: str
+    sizes: tuple
+    batch_size: int
+    data: str = "synthetic"
+    n_examples: int = 8192
+
+    @property
+    def size(self):  # parameters
+        return sum(a * b for a, b in zip(self.sizes[:-1], self.sizes[1:]))
+
+
+EPOCH_CASES = {
+    "epoch_digits": EpochCase("demo network 64-256-128-10 on digits, batch 64",
+                              (64, 256, 128, 10), 64, "digits"),
+    "epoch_mlp_1024": EpochCase("784-1024-1024-10 on 8192 synthetic examples, batch 256",
+                                (784, 1024, 1024, 10), 256),
+}
+
+EPOCH_IMPLEMENTATIONS = ("fastdl", "numpy", "torch")
+
+
+def _epoch_data(case, seed):
+    if case.data == "digits":
+        from .demo import load_digits
+
+        return load_digits(seed)[0]
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((case.n_examples, case.sizes[0]), np.float32)
+    return X, rng.integers(0, case.sizes[-1], case.n_examples)
+
+
+def make_epoch_step(case, implementation, seed=0):
+    """A zero-argument callable training one epoch of ``case`` with ``implementation``."""
+    from . import data
+
+    X, y = _epoch_data(case, seed)
+    batches = [(xb, yb) for xb, yb in data.minibatches(X, y, case.batch_size, seed=seed)]
+    n_in, hidden, n_out = case.sizes[0], case.sizes[1:-1], case.sizes[-1]
+    if implementation == "fastdl":
+        from . import nn, optim
+        from .demo import build_network
+        from .device import cpu_threads
+
+        model = build_network(n_in, hidden, n_out, seed=seed, device="cpu")
+        opt = optim.Adam(model.param_groups(weight_decay=1e-4), lr=1e-3)
+        loss_fn, grads = nn.SoftmaxCrossEntropy(), model.grads()
+
+        def epoch():
+            with cpu_threads(1):  # the cores go to BLAS (fd.cpu_threads says why)
+                for xb, yb in batches:
+                    loss_fn.forward(model.forward(xb), yb)
+                    model.backward(loss_fn.backward())
+                    opt.step(grads)
+
+        return epoch
+    if implementation == "numpy":
+        net = TextbookNetwork(list(case.sizes), dropout=0.1, seed=seed, lr=1e-3)
+
+        def epoch():
+            for xb, yb in batches:
+                net.train_step(xb, yb)
+
+        return epoch
+    if implementation == "torch":
+        import torch
+
+        torch.manual_seed(seed)
+        layers, width = [], n_in
+        for units in hidden:
+            layers += [torch.nn.Linear(width, units, bias=False), torch.nn.BatchNorm1d(units),
+                       torch.nn.ReLU(), torch.nn.Dropout(0.1)]
+            width = units
+        model = torch.nn.Sequential(*layers, torch.nn.Linear(width, n_out))
+        weights = [p for p in model.parameters() if p.ndim == 2]
+        others = [p for p in model.parameters() if p.ndim != 2]
+        opt = torch.optim.Adam([{"params": weights, "weight_decay": 1e-4},
+                                {"params": others, "weight_decay": 0.0}], lr=1e-3, fused=True)
+        tensors = [(torch.from_numpy(xb), torch.from_numpy(yb)) for xb, yb in batches]
+
+        def epoch():
+            for xb, yb in tensors:
+                opt.zero_grad(set_to_none=False)
+                torch.nn.functional.cross_entropy(model(xb), yb).backward()
+                opt.step()
+
+        return epoch
+    raise ValueError(f"implementation must be one of {EPOCH_IMPLEMENTATIONS}; got "
+                     f"{implementation!r}")

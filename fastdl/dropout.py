@@ -33,6 +33,8 @@ def seed_key(seed):
 
 def _drop_rates(p, n_models, population):
     """p as float64 (K,) after checking it; K = 1 without a population."""
+    if type(p) is float and 0 <= p <= 1:  # the common case, checked cheaply
+        return np.full(n_models if population else 1, p)
     return _checks.hyperparameter(p, "p", n_models if population else None,
                                   _checks.closed_unit_interval)
 

@@ -31,6 +31,7 @@ host folds its rounding error into ``shift`` / ``c`` (and the sums), so that x -
 full precision when the mean is large against the spread (mean 1e4, unit spread, float32).
 """
 
+import functools
 from collections import namedtuple
 
 import numpy as np
@@ -202,10 +203,16 @@ def plan(n_models, outer, channels, inner):
     """How to run a (K, outer, C, inner) input: loop order, work items, serial or parallel.
 
     Work is split along the rows first (memory order), then the channels, then the runs, until
-    there are ~4 items per thread (for load balance) or nothing left to split."""
+    there are ~4 items per thread (for load balance) or nothing left to split. Plans are
+    cached: a training loop asks for the same few shapes every step."""
     total = n_models * outer * channels * inner
     parallel = total >= config.PARALLEL_MIN_SIZE
-    per_model = -(-4 * threads() // n_models) if parallel else 1
+    return _plan(n_models, outer, channels, inner, parallel, threads())
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(n_models, outer, channels, inner, parallel, n_threads):
+    per_model = -(-4 * n_threads // n_models) if parallel else 1
     row_blocks = _blocks(outer, per_model)
     if inner == 1:
         items = [(k, o0, o1) for k in range(n_models) for o0, o1 in row_blocks]
