@@ -12,13 +12,22 @@ accuracy.
 import argparse
 import contextlib
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import data, nn, optim, schedules
-from .device import cpu_threads, get_device, location, set_device, to_device, to_host
+from .device import (
+    cpu_threads,
+    get_device,
+    location,
+    require_cuda,
+    set_device,
+    to_device,
+    to_host,
+)
 
 OPTIMIZERS = {"adam": (optim.Adam, 2e-3), "adamw": (optim.AdamW, 2e-3),
               "momentum": (optim.Momentum, 0.1), "rmsprop": (optim.RMSprop, 1e-3),
@@ -197,6 +206,12 @@ def run(argv=None):
         parser.error("--epochs must be >= 1")
     set_device(args.device)
     device = get_device()
+    if device == "cuda":
+        try:
+            require_cuda()
+        except RuntimeError as error:
+            print(f"fastdl demo: {error}", file=sys.stderr)
+            return 2
     from .bench import machine_description
 
     print(f"device: {device} ({machine_description()})", flush=True)
