@@ -1,13 +1,15 @@
 """``python -m fastdl demo`` trains a deep network on the digits end to end (the main job);
-``python -m fastdl bench`` times the fused optimizers against NumPy (and PyTorch)."""
+``python -m fastdl tune`` searches its hyperparameters, K models at once; ``python -m fastdl
+bench`` times the fused optimizers against NumPy (and PyTorch)."""
 
 import sys
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    usage = ("usage: fastdl {demo,bench} [options]\n"
+    usage = ("usage: fastdl {demo,tune,bench} [options]\n"
              "  demo   train a network on the 8x8 digits with fastdl (--help for options)\n"
+             "  tune   random search, coarse to fine, K models at once (--help for options)\n"
              "  bench  time fastdl's optimizers against NumPy and PyTorch (--quick)")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
@@ -15,6 +17,10 @@ def main(argv=None):
     command, rest = argv[0], argv[1:]
     if command == "demo":
         from .demo import run
+
+        return run(rest)
+    if command == "tune":
+        from .tune import run
 
         return run(rest)
     if command == "bench":

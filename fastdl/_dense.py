@@ -40,33 +40,39 @@ def zeros(shape, dtype, device):
     return a
 
 
+def _t(a, transpose):
+    return a.swapaxes(-1, -2) if transpose else a
+
+
 def matmul(a, b, out, transpose_a=False, transpose_b=False):
-    """out = op(a) @ op(b), op = transpose where asked; a, b, out 2-D."""
+    """out = op(a) @ op(b), op = transpose of the last two axes where asked. 2-D, or 3-D for a
+    population (K, ., .) in one batched call; a 2-D operand is shared by the K models."""
     if not is_device_array(a):
-        np.matmul(a.T if transpose_a else a, b.T if transpose_b else b, out=out)
+        np.matmul(_t(a, transpose_a), _t(b, transpose_b), out=out)
         return out
     cupy = _cupy()
     if cupy is not None:  # cuBLAS; CuPy reads the numba arrays in place
         a_, b_, out_ = (cupy.asarray(v) for v in (a, b, out))
-        cupy.matmul(a_.T if transpose_a else a_, b_.T if transpose_b else b_, out=out_)
+        cupy.matmul(_t(a_, transpose_a), _t(b_, transpose_b), out=out_)
         return out
     _cuda().matmul(a, b, out, transpose_a, transpose_b)
     return out
 
 
 def add_bias(y, b, feature_axis):
-    """y += b along ``feature_axis`` (-1: y (N, n); 0: y (n, m))."""
+    """y += b along ``feature_axis`` (-1: y (N, n); 0: y (n, m)); with a population y has a
+    leading K axis and b is (K, n)."""
     if not is_device_array(y):
-        y += b[:, None] if feature_axis == 0 else b
+        y += b[..., :, None] if feature_axis == 0 else b[..., None, :]
         return y
     _cuda().add_bias(y, b, feature_axis)
     return y
 
 
 def bias_grad(dy, feature_axis, out):
-    """out = dy summed over the examples (every axis but ``feature_axis``)."""
+    """out = dy summed over the examples axis (per model for a population)."""
     if not is_device_array(dy):
-        np.sum(dy, axis=1 if feature_axis == 0 else 0, out=out)
+        np.sum(dy, axis=-1 if feature_axis == 0 else -2, out=out)
         return out
     _cuda().bias_grad(dy, feature_axis, out)
     return out

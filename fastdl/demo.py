@@ -49,17 +49,25 @@ def load_digits(seed=0, dtype=np.float32):
 
 
 def build_network(n_in=64, hidden=HIDDEN, n_classes=10, dropout=0.1, seed=0,
-                  dtype=np.float32, device=None):
-    """Linear - BatchNorm - ReLU - Dropout blocks and a Linear output, batch-first."""
+                  dtype=np.float32, device=None, population=None):
+    """Linear - BatchNorm - ReLU - Dropout blocks and a Linear output, batch-first.
+
+    ``population=K`` builds K models in one (``dropout`` may be K rates, ``seed`` K seeds);
+    model k equals ``build_network(dropout=dropout[k], seed=seed[k])``."""
+    def seeds(offset):  # layer seeds from the model seed(s)
+        if population is None:
+            return seed + offset
+        model_seeds = [seed + k for k in range(population)] if np.ndim(seed) == 0 else seed
+        return [int(s) + offset for s in model_seeds]
+
+    options = dict(dtype=dtype, device=device, population=population)
     layers, width = [], n_in
     for i, units in enumerate(hidden):
-        layers += [nn.Linear(width, units, bias=False, seed=seed + i, dtype=dtype,
-                             device=device),
-                   nn.BatchNorm(units, dtype=dtype, device=device), nn.ReLU(),
-                   nn.Dropout(dropout, seed=seed + 100 + i)]
+        layers += [nn.Linear(width, units, bias=False, seed=seeds(i), **options),
+                   nn.BatchNorm(units, **options), nn.ReLU(),
+                   nn.Dropout(dropout, seed=seeds(100 + i), population=population)]
         width = units
-    layers.append(nn.Linear(width, n_classes, seed=seed + len(hidden), dtype=dtype,
-                            device=device))
+    layers.append(nn.Linear(width, n_classes, seed=seeds(len(hidden)), **options))
     return nn.Sequential(*layers)
 
 
@@ -82,19 +90,36 @@ def evaluate(model, loss_fn, X, y):
     return loss, accuracy
 
 
-def train(model, splits, epochs=40, optimizer="adam", lr=None, weight_decay=1e-4,
-          batch_size=64, seed=0, patience=10, progress=None):
+def make_optimizer(name, model, hyper=None, population=False):
+    """The optimizer ``name`` over ``model``'s param groups (weight decay on the weights
+    only), from ``hyper``: lr, weight_decay, and beta1 / beta2 (Adam, AdamW) or beta (the
+    Momentum beta, RMSprop's alpha); each a number, or (K,) values for a population. Non-finite
+    gradients skip the step (per model for a population: a diverging model is frozen)."""
+    hyper = dict(hyper or {})
+    cls, default_lr = OPTIMIZERS[name]
+    options = dict(lr=hyper.get("lr", default_lr), skip_nonfinite=True, population=population)
+    if name in ("adam", "adamw"):
+        options["betas"] = (hyper.get("beta1", 0.9), hyper.get("beta2", 0.999))
+    elif name == "momentum":
+        options["beta"] = hyper.get("beta", 0.9)
+    elif name == "rmsprop":
+        options["alpha"] = hyper.get("beta", 0.99)
+    groups = model.param_groups(weight_decay=hyper.get("weight_decay", 1e-4))
+    return cls(groups, **options)
+
+
+def train(model, splits, epochs=40, optimizer="adam", hyper=None, batch_size=64, seed=0,
+          patience=10, progress=None):
     """Train ``model`` on ``splits`` (from :func:`load_digits`); returns a :class:`History`.
 
-    The learning rate decays as ``lr0 / (1 + 0.05 * epoch)`` (inverse time); early stopping
-    keeps the parameters of the best dev loss. ``progress(epoch, history)`` is called after
-    each epoch.
+    ``hyper`` as :func:`make_optimizer` (default lr per optimizer, weight decay 1e-4). The
+    learning rate decays as ``lr0 / (1 + 0.05 * epoch)`` (inverse time); mini-batches are
+    shuffled from ``seed`` and the epoch; early stopping keeps the parameters of the best dev
+    loss. ``progress(epoch, history)`` is called after each epoch.
     """
     (X_train, y_train), (X_dev, y_dev), _ = splits
-    cls, default_lr = OPTIMIZERS[optimizer]
-    lr0 = default_lr if lr is None else lr
-    opt = cls(model.param_groups(weight_decay=weight_decay), lr=lr0)
-    schedule = schedules.inverse_time(lr0, decay_rate=0.05)
+    opt = make_optimizer(optimizer, model, hyper)
+    schedule = schedules.inverse_time(opt.lr, decay_rate=0.05)
     loss_fn = nn.SoftmaxCrossEntropy()
     stopper = nn.EarlyStopping(model, patience=patience)
     grads = model.grads()
@@ -124,6 +149,54 @@ def train(model, splits, epochs=40, optimizer="adam", lr=None, weight_decay=1e-4
         if stopper.step(dev_loss):
             break
     stopper.restore()
+    return history
+
+
+def train_population(model, splits, hyper, epochs=10, optimizer="adam", batch_size=64,
+                     seed=0, progress=None):
+    """Train a population ``model`` (K models, e.g. ``build_network(population=K)``) on the
+    same mini-batches as :func:`train` with ``seed``; ``hyper`` holds (K,) values (see
+    :func:`make_optimizer`). Every operation is one call for all K models. Returns a
+    :class:`History` whose entries are (K,) arrays, and ``history.frozen``: the models whose
+    loss or gradients went non-finite (frozen since, while the others train on)."""
+    (X_train, y_train), (X_dev, y_dev), _ = splits
+    opt = make_optimizer(optimizer, model, hyper, population=True)
+    n_models = len(np.atleast_1d(opt.lr))
+    schedule = schedules.inverse_time(np.broadcast_to(opt.lr, (n_models,)).astype(float),
+                                      decay_rate=0.05)
+    loss_fn = nn.SoftmaxCrossEntropy(population=n_models)
+    grads = model.grads()
+    device = location(grads[0])
+    history = History()
+    history.frozen = np.zeros(n_models, bool)
+    dev_labels = to_device(np.ascontiguousarray(np.broadcast_to(y_dev, (n_models, len(y_dev)))))
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        opt.lr = schedule(epoch)
+        total, seen = np.zeros(n_models), 0
+        with cpu_threads(1) if device == "cpu" else contextlib.nullcontext():
+            for X, y in data.minibatches(X_train, y_train, batch_size,
+                                         seed=seed * 1000 + epoch):
+                labels = np.ascontiguousarray(np.broadcast_to(y, (n_models, len(y))))
+                loss = loss_fn.forward(model.forward(to_device(X)), to_device(labels))
+                model.backward(loss_fn.backward())
+                info = opt.step(grads)
+                history.frozen |= info.found_inf
+                total += to_host(loss).astype(np.float64) * len(y)
+                seen += len(y)
+        history.epoch_seconds.append(time.perf_counter() - start)
+        model.eval()
+        logits = model.forward(to_device(X_dev))
+        dev_loss = to_host(loss_fn.forward(logits, dev_labels)).astype(np.float64)
+        accuracy = np.mean(np.argmax(to_host(logits), axis=2) == y_dev, axis=1)
+        model.train()
+        history.train_loss.append(total / seen)
+        history.dev_loss.append(dev_loss)
+        history.dev_accuracy.append(accuracy)
+        history.lr.append(np.array(opt.lr, copy=True))
+        history.frozen |= ~np.isfinite(history.train_loss[-1])
+        if progress is not None:
+            progress(epoch, history)
     return history
 
 

@@ -47,6 +47,25 @@ def _thresholds_and_scales(rates, dtype):
     return thresholds, scales
 
 
+def _keys(seed, n_models, population, shape):
+    """Generator keys per model (int64 (K,) low and high halves) and the model stride of the
+    element index: one seed keys the flat index of the whole array; K seeds (a population)
+    key model k's own index, so model k gets the mask a lone call with seed k would."""
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        low, high = seed_key(int(seed))
+        return (np.full(n_models, low, np.int64), np.full(n_models, high, np.int64),
+                math.prod(shape[1:]) if population else 0)
+    if population and not isinstance(seed, (str, bytes)) and np.ndim(seed) == 1:
+        seeds = np.asarray(seed)
+        if len(seeds) == n_models and seeds.dtype.kind in "iu":
+            keys = np.array([seed_key(int(s)) for s in seeds], np.int64).reshape(-1, 2)
+            return np.ascontiguousarray(keys[:, 0]), np.ascontiguousarray(keys[:, 1]), 0
+        raise ValueError(f"seed must be an int or {n_models} ints (one per model); got "
+                         f"{_checks.describe(seed)}")
+    raise TypeError(f"seed must be an int{' or one int per model' * population}; got "
+                    f"{_checks.describe(seed)}")
+
+
 def _check_x(x, name, population, device=None):
     where = device_of(x)
     if device is not None and where != device:
@@ -82,14 +101,15 @@ def dropout_forward(x, p, seed, population=False, out=None, mask_out=None):
 
     x: float32/float64, C-contiguous, any shape (with ``population=True`` a leading axis of K
     models, and p a scalar or one rate per model). seed: an int; the mask of element i
-    depends only on (seed, i). mask: ``np.bool_`` of x's shape, on x's device. ``out`` /
-    ``mask_out``: where to write y / the mask (training loops reuse buffers).
+    depends only on (seed, i). With a population, seed may also be K ints: model k's mask is
+    then the one a lone call on x[k] with seed[k] would draw. mask: ``np.bool_`` of x's
+    shape, on x's device. ``out`` / ``mask_out``: where to write y / the mask (training loops
+    reuse buffers).
     """
     device = _check_x(x, "x", population)
     n_models = x.shape[0] if population else 1
     rates = _drop_rates(p, n_models, population)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int; got {_checks.describe(seed)}")
+    keys_low, keys_high, model_stride = _keys(seed, n_models, population, x.shape)
     check_out(out, "out", x, device)
     if mask_out is not None:
         if device_of(mask_out) != device or mask_out.dtype != np.bool_ or \
@@ -97,11 +117,10 @@ def dropout_forward(x, p, seed, population=False, out=None, mask_out=None):
             raise ValueError(f"mask_out must be a C-contiguous bool array of x's shape "
                              f"{tuple(x.shape)} on {device}; got {_checks.describe(mask_out)}")
     thresholds, scales = _thresholds_and_scales(rates, x.dtype)
-    key_low, key_high = seed_key(int(seed))
     ops = _ops(device)
     y = ops.empty_like(x) if out is None else out
     mask = ops.empty_mask(x.shape) if mask_out is None else mask_out
-    ops.forward(x, n_models, key_low, key_high, thresholds, scales, y, mask)
+    ops.forward(x, n_models, keys_low, keys_high, model_stride, thresholds, scales, y, mask)
     return y, mask
 
 

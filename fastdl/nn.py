@@ -81,6 +81,33 @@ def _check_count(value, name):
     return int(value)
 
 
+def _check_population(population):
+    if population is not None and (isinstance(population, bool)
+                                   or not isinstance(population, (int, np.integer))
+                                   or population < 1):
+        raise ValueError(f"population must be None or a number of models >= 1; got "
+                         f"{population!r}")
+    return None if population is None else int(population)
+
+
+def _model_seeds(seed, population):
+    """One seed per model: ``seed`` itself without a population; with one, a sequence of K
+    seeds as given, or seed, seed + 1, ... (model k then equals a lone layer of seed k's)."""
+    if seed is None:
+        seed = int(np.random.default_rng().integers(2**32))
+    if population is None:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int or None; got {_checks.describe(seed)}")
+        return int(seed)
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return [int(seed) + k for k in range(population)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != population:
+        raise ValueError(f"seed must be an int or {population} ints (one per model); got "
+                         f"{len(seeds)}")
+    return seeds
+
+
 def _check_device(device):
     device = get_device() if device is None else device
     if device not in ("cpu", "cuda"):
@@ -104,12 +131,17 @@ class Linear(Layer):
     takes its place, as the notes say). ``seed`` seeds the initialization; ``device`` defaults
     to the selected one. Backward: dW = dy.T @ x, db = sum(dy), dx = dy @ W (transposed for the
     notes' layout); matrix products run on BLAS (CPU) or cuBLAS / fastdl's kernel (GPU).
+
+    ``population=K``: K models, W (K, n_out, n_in) and b (K, n_out), each product one batched
+    call. The input is (K, N, n_in) (or (K, n_in, m)), or the models' shared batch (N, n_in)
+    (or (n_in, m)); the output has the leading K axis. Model k is initialized from seed k of
+    ``seed`` (K ints, or seed + k), as a lone ``Linear(..., seed=...)`` would be.
     """
 
     decay_names = ("W",)
 
     def __init__(self, n_in, n_out, bias=True, init="he", feature_axis=-1, dtype=np.float32,
-                 seed=None, device=None):
+                 seed=None, device=None, population=None):
         self.n_in, self.n_out = _check_count(n_in, "n_in"), _check_count(n_out, "n_out")
         if init not in ("he", "xavier"):
             raise ValueError(f"init must be 'he' or 'xavier'; got {init!r}")
@@ -119,30 +151,48 @@ class Linear(Layer):
         self.feature_axis = -1 if feature_axis == 1 else feature_axis
         self.dtype = _checks.float_dtype(dtype, "dtype")
         self.device = _check_device(device)
+        self.population = population = _check_population(population)
         scale = math.sqrt((2.0 if init == "he" else 1.0) / self.n_in)
-        weights = np.random.default_rng(seed).standard_normal((self.n_out, self.n_in)) * scale
+        seeds = _model_seeds(seed, population)
+        draw = [np.random.default_rng(s).standard_normal((self.n_out, self.n_in)) * scale
+                for s in ([seeds] if population is None else seeds)]
+        weights = draw[0] if population is None else np.stack(draw)
+        lead = () if population is None else (population,)
         self.W = _on_device(weights.astype(self.dtype), self.device)
-        self.dW = _dense.zeros((self.n_out, self.n_in), self.dtype, self.device)
+        self.dW = _dense.zeros(lead + (self.n_out, self.n_in), self.dtype, self.device)
         self.param_names, self.grad_names = ("W",), ("dW",)
         if bias:
-            self.b = _dense.zeros(self.n_out, self.dtype, self.device)
-            self.db = _dense.zeros(self.n_out, self.dtype, self.device)
+            self.b = _dense.zeros(lead + (self.n_out,), self.dtype, self.device)
+            self.db = _dense.zeros(lead + (self.n_out,), self.dtype, self.device)
             self.param_names, self.grad_names = ("W", "b"), ("dW", "db")
         self.init = init
         self._x = None
 
-    def _check_shape(self, shape):
-        if shape[self.feature_axis] != self.n_in:
-            raise ValueError(f"x must have {self.n_in} features along axis "
-                             f"{self.feature_axis}; got shape {shape}")
+    def _check_x(self, x):
+        shared = len(x.shape) == 2
+        if self.population is None and not shared:
+            raise ValueError(f"x must have rank 2; got shape {tuple(x.shape)}")
+        if not shared and (len(x.shape) != 3 or x.shape[0] != self.population):
+            raise ValueError(f"x must be the models' shared batch (rank 2) or have shape "
+                             f"({self.population}, ., .) (one batch per model); got shape "
+                             f"{tuple(x.shape)}")
+        _check_layer_input(x, "x", len(x.shape), self.dtype, self.device)
+        if x.shape[self.feature_axis] != self.n_in:
+            axis = self.feature_axis if shared or self.feature_axis == -1 else 1
+            raise ValueError(f"x must have {self.n_in} features along axis {axis}; got shape "
+                             f"{tuple(x.shape)}")
+
+    def _out_shape(self, x):
+        examples = x.shape[-1] if self.feature_axis == 0 else x.shape[-2]
+        per_model = (self.n_out, examples) if self.feature_axis == 0 else (examples, self.n_out)
+        return per_model if self.population is None else (self.population,) + per_model
 
     def forward(self, x):
-        _check_layer_input(x, "x", 2, self.dtype, self.device, self._check_shape)
+        self._check_x(x)
+        y = self._out("y", self._out_shape(x), self.dtype, x)
         if self.feature_axis == 0:
-            y = self._out("y", (self.n_out, x.shape[1]), self.dtype, x)
             _dense.matmul(self.W, x, y)
         else:
-            y = self._out("y", (x.shape[0], self.n_out), self.dtype, x)
             _dense.matmul(x, self.W, y, transpose_b=True)
         if "b" in self.param_names:
             _dense.add_bias(y, self.b, self.feature_axis)
@@ -150,14 +200,16 @@ class Linear(Layer):
         return y
 
     def backward(self, dout):
+        """Write dW (and db); return the input's gradient (per model for a population, also
+        for a shared batch)."""
         if self._x is None:
             raise ValueError("backward needs a forward first")
         x = self._x
-        expected = (self.n_out, x.shape[1]) if self.feature_axis == 0 else (x.shape[0],
-                                                                            self.n_out)
-        _check_layer_input(dout, "dout", 2, self.dtype, self.device,
+        expected = self._out_shape(x)
+        _check_layer_input(dout, "dout", len(expected), self.dtype, self.device,
                            lambda shape: _expect_shape(shape, expected, "dout"))
-        dx = self._out("dx", tuple(x.shape), self.dtype, x)
+        lead = () if self.population is None else (self.population,)
+        dx = self._out("dx", lead + tuple(x.shape[-2:]), self.dtype, x)
         if self.feature_axis == 0:
             _dense.matmul(dout, x, self.dW, transpose_b=True)
             _dense.matmul(self.W, dout, dx, transpose_a=True)
@@ -169,8 +221,9 @@ class Linear(Layer):
         return dx
 
     def __repr__(self):
+        population = "" if self.population is None else f", population={self.population}"
         return (f"Linear({self.n_in}, {self.n_out}, bias={'b' in self.param_names}, "
-                f"init={self.init!r}, feature_axis={self.feature_axis})")
+                f"init={self.init!r}, feature_axis={self.feature_axis}{population})")
 
 
 def _expect_shape(shape, expected, name):
@@ -236,10 +289,7 @@ class BatchNorm(Layer):
                  population=None, storage=None, grad_storage=None, device=None):
         num_features = _check_count(num_features, "num_features")
         self.dtype = _checks.float_dtype(dtype, "dtype")
-        if population is not None and (isinstance(population, bool) or population < 1):
-            raise ValueError(f"population must be None or a number of models >= 1; got "
-                             f"{population!r}")
-        self.population = population
+        self.population = population = _check_population(population)
         self.device = _check_device(device)
         shape = (num_features,) if population is None else (population, num_features)
         self.gamma, self.beta = self._buffers(storage, shape, "storage", (1.0, 0.0))
@@ -293,28 +343,30 @@ class Dropout(Layer):
 
     Every training forward draws a new mask from (``seed``, call number), so a run is
     reproducible from its seed, on the CPU and the GPU alike. ``population=K``: inputs have a
-    leading axis of K models and ``p`` may hold one rate per model.
+    leading axis of K models, ``p`` may hold one rate per model, and model k draws from seed k
+    of ``seed`` (K ints, or seed + k): the masks of a lone ``Dropout(p, seed=...)``.
     """
 
     def __init__(self, p=0.5, seed=None, population=None):
-        if population is not None and (isinstance(population, bool) or population < 1):
-            raise ValueError(f"population must be None or a number of models >= 1; got "
-                             f"{population!r}")
+        population = _check_population(population)
         rates = _checks.hyperparameter(p, "p", population, _checks.closed_unit_interval)
         self.p = float(rates[0]) if population is None else rates  # (K,): one rate per model
-        if seed is None:
-            seed = int(np.random.default_rng().integers(2**32))
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise TypeError(f"seed must be an int or None; got {_checks.describe(seed)}")
-        self.seed, self.population, self.calls = int(seed), population, 0
+        self.seed = _model_seeds(seed, population)
+        self.population, self.calls = population, 0
         self._mask = None
+
+    def _call_seed(self, seed):
+        # distinct (seed, call) pairs give distinct generator keys (seeds below 2**31)
+        return ((seed << 32) + self.calls) & (2**63 - 1)
 
     def forward(self, x):
         if not self.training:
             self._mask = None
             return x
-        # distinct (seed, call) pairs give distinct generator keys (seeds below 2**32)
-        seed = (self.seed << 32) + self.calls
+        if self.population is None:
+            seed = self._call_seed(self.seed)
+        else:
+            seed = np.array([self._call_seed(s) for s in self.seed], np.int64)
         self.calls += 1
         y, self._mask = dropout_forward(x, self.p, seed, population=self.population is not None,
                                         out=self._out("y", x.shape, x.dtype, x),

@@ -1,16 +1,28 @@
 """Learning-rate decay: plain callables ``epoch -> lr`` (epochs counted from 0).
 
-Use them between steps: ``opt.lr = schedule(epoch)``.
+Use them between steps: ``opt.lr = schedule(epoch)``. For a population of K models the
+numeric parameters (lr0, decay_rate, base, k, factor) may be length-K arrays: the schedule
+then returns K learning rates, one per model.
 """
 
 import bisect
 import math
 import numbers
 
+import numpy as np
+
 __all__ = ["exponential", "inverse_sqrt", "inverse_time", "piecewise", "staircase"]
 
 
 def _number(value, argument, low=None, low_inclusive=True):
+    if isinstance(value, (np.ndarray, list, tuple)):  # one value per model
+        values = np.asarray(value, np.float64) if np.ndim(value) == 1 else None
+        if values is None or values.dtype.kind != "f":
+            raise TypeError(f"{argument} must be a real number or a 1-D array of them; got "
+                            f"{value!r}")
+        for v in values:
+            _number(float(v), argument, low, low_inclusive)
+        return values
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{argument} must be a real number; got {type(value).__name__} "
                         f"{value!r}")
@@ -32,8 +44,8 @@ def _epoch(epoch):
 
 def inverse_time(lr0, decay_rate):
     """``lr0 / (1 + decay_rate * epoch)``."""
-    _number(lr0, "lr0", 0)
-    _number(decay_rate, "decay_rate", 0)
+    lr0 = _number(lr0, "lr0", 0)
+    decay_rate = _number(decay_rate, "decay_rate", 0)
 
     def schedule(epoch):
         return lr0 / (1 + decay_rate * _epoch(epoch))
@@ -43,8 +55,8 @@ def inverse_time(lr0, decay_rate):
 
 def exponential(lr0, base=0.95):
     """``lr0 * base ** epoch``."""
-    _number(lr0, "lr0", 0)
-    _number(base, "base", 0)
+    lr0 = _number(lr0, "lr0", 0)
+    base = _number(base, "base", 0)
 
     def schedule(epoch):
         return lr0 * base ** _epoch(epoch)
@@ -54,8 +66,8 @@ def exponential(lr0, base=0.95):
 
 def inverse_sqrt(lr0, k=1.0):
     """``lr0 * k / sqrt(epoch + 1)``."""
-    _number(lr0, "lr0", 0)
-    _number(k, "k", 0)
+    lr0 = _number(lr0, "lr0", 0)
+    k = _number(k, "k", 0)
 
     def schedule(epoch):
         return lr0 * k / math.sqrt(_epoch(epoch) + 1)
@@ -65,8 +77,8 @@ def inverse_sqrt(lr0, k=1.0):
 
 def staircase(lr0, factor, step_size):
     """``lr0 * factor ** (epoch // step_size)``: a discrete step every ``step_size`` epochs."""
-    _number(lr0, "lr0", 0)
-    _number(factor, "factor", 0)
+    lr0 = _number(lr0, "lr0", 0)
+    factor = _number(factor, "factor", 0)
     if isinstance(step_size, bool) or not isinstance(step_size, numbers.Integral):
         raise TypeError(f"step_size must be an int; got {type(step_size).__name__}")
     if step_size < 1:

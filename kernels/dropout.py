@@ -79,19 +79,22 @@ def _keep_cpu(typingctx, index, key_low, key_high, threshold):
     return types.boolean(index, key_low, key_high, threshold), codegen
 
 
-def forward_kernel(x, key_low, key_high, thresholds, scales, chunk, y, mask):
-    """x, y, mask: (K, n) per-model rows. Keep element (k, j) when its bits >= thresholds[k];
-    y = x * scales[k] where kept, x * 0 where dropped (so inf * 0 = NaN, as x * mask * scale)."""
+def forward_kernel(x, keys_low, keys_high, model_stride, thresholds, scales, chunk, y, mask):
+    """x, y, mask: (K, n) per-model rows. Element j of model k has index k * model_stride + j
+    under key k (model_stride = n with one key for all: the flat index; 0 with a key per model:
+    each model's own index). Keep it when its bits >= thresholds[k]; y = x * scales[k] where
+    kept, x * 0 where dropped (so inf * 0 = NaN, as x * mask * scale)."""
     n_models, n = x.shape
     chunks_per_model = (n + chunk - 1) // chunk
     for item in prange(n_models * chunks_per_model):
         k, c = item // chunks_per_model, item % chunks_per_model
         threshold, scale = thresholds[k], scales[k]
+        key_low, key_high = keys_low[k], keys_high[k]
         zero = scale - scale
         lo, hi = c * chunk, min(n, (c + 1) * chunk)
         # slices: an index numba cannot prove non-negative costs a wrap-around test
         xs, ys, masks = x[k, lo:hi], y[k, lo:hi], mask[k, lo:hi]
-        first = k * n + lo
+        first = k * model_stride + lo
         for j in range(hi - lo):
             keep = _keep_cpu(first + j, key_low, key_high, threshold)
             masks[j] = keep
@@ -131,10 +134,10 @@ def empty_mask(shape):
     return np.empty(shape, np.bool_)
 
 
-def forward(x, n_models, key_low, key_high, thresholds, scales, y, mask):
+def forward(x, n_models, keys_low, keys_high, model_stride, thresholds, scales, y, mask):
     kernel = forward_parallel if x.size >= config.PARALLEL_MIN_SIZE else forward_serial
-    kernel(x.reshape(n_models, -1), key_low, key_high, thresholds, scales, CHUNK,
-           y.reshape(n_models, -1), mask.reshape(n_models, -1))
+    kernel(x.reshape(n_models, -1), keys_low, keys_high, model_stride, thresholds, scales,
+           CHUNK, y.reshape(n_models, -1), mask.reshape(n_models, -1))
 
 
 def backward(dy, mask, n_models, scales, dx):

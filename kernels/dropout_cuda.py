@@ -18,13 +18,16 @@ I64 = types.int64
 _uniform_bits = device_function(uniform_bits)
 
 
-@kernel([(array(d), I64, I64, array(np.int64), array(d), I64, array(d), array(np.bool_))
-         for d in DTYPES])
-def dropout_forward_cuda(x, key_low, key_high, thresholds, scales, per_model, y, mask):
-    """mask = bits >= thresholds[k]; y = x * scales[k] where kept, x * 0 where dropped."""
+@kernel([(array(d), array(np.int64), array(np.int64), I64, array(np.int64), array(d), I64,
+          array(d), array(np.bool_)) for d in DTYPES])
+def dropout_forward_cuda(x, keys_low, keys_high, model_stride, thresholds, scales, per_model,
+                         y, mask):
+    """mask = bits of (k * model_stride + j, key k) >= thresholds[k] for element j of model k
+    (as kernels/dropout.py); y = x * scales[k] where kept, x * 0 where dropped."""
     for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
         k = i // per_model
-        keep = _uniform_bits(i, key_low, key_high) >= thresholds[k]
+        index = k * model_stride + i % per_model
+        keep = _uniform_bits(index, keys_low[k], keys_high[k]) >= thresholds[k]
         scale = scales[k]
         mask[i] = keep
         y[i] = x[i] * (scale if keep else scale - scale)
@@ -55,9 +58,10 @@ def empty_mask(shape):
     return cuda.device_array(shape, np.bool_)
 
 
-def forward(x, n_models, key_low, key_high, thresholds, scales, y, mask):
+def forward(x, n_models, keys_low, keys_high, model_stride, thresholds, scales, y, mask):
     x = _flat(x)
-    launch(dropout_forward_cuda, -(-x.shape[0] // THREADS_PER_BLOCK), x, key_low, key_high,
+    launch(dropout_forward_cuda, -(-x.shape[0] // THREADS_PER_BLOCK), x,
+           cuda.to_device(keys_low), cuda.to_device(keys_high), model_stride,
            cuda.to_device(thresholds), cuda.to_device(scales), max(1, x.shape[0] // n_models),
            _flat(y), _flat(mask))
 
