@@ -50,6 +50,14 @@ def main(path):
                     _ratio(t, others[0]) for t in others[1:]]
                 print("| " + " | ".join(cells) + " |")
         print()
+    if ("population_16", "fastdl-population") in times:
+        population = times["population_16", "fastdl-population"]
+        print("| 16 demo networks, 10 epochs on the digits | time | population is faster by |")
+        print("|---|---:|---:|")
+        for implementation in bench.POPULATION_IMPLEMENTATIONS:
+            t = times.get(("population_16", implementation))
+            print(f"| {implementation} | {_ms(t)} | {_ratio(t, population)} |")
+        print()
     if triad:
         print(f"Memory bandwidth in the same run (STREAM triad, 2 threads): {triad:.0f} GB/s. "
               "Times are the best of each benchmark's rounds.")

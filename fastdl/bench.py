@@ -595,3 +595,79 @@ def make_epoch_step(case, implementation, seed=0):
         return epoch
     raise ValueError(f"implementation must be one of {EPOCH_IMPLEMENTATIONS}; got "
                      f"{implementation!r}")
+
+
+# -- many models at once ------------------------------------------------------------------------
+
+POPULATION_IMPLEMENTATIONS = ("fastdl-population", "fastdl-sequential", "torch-sequential")
+
+
+def population_search_space(n_models, seed=0):
+    """K random configurations of the demo network (lr, betas, L2, dropout), as arrays."""
+    from .tune import default_space, sample_space
+
+    return sample_space(default_space("adam"), n_models, seed=seed)
+
+
+def make_population_run(implementation, n_models=16, epochs=10, seed=0):
+    """A zero-argument callable training ``n_models`` demo networks (batch 64) with random
+    hyperparameters for ``epochs`` on the digits: as one population, or one after another."""
+    from .demo import build_network, load_digits, train, train_population
+
+    splits = load_digits(seed)
+    values = population_search_space(n_models, seed)
+    hyper = {k: np.asarray(v, np.float64) for k, v in values.items() if k != "dropout"}
+    dropout = np.asarray(values["dropout"], np.float64)
+    seeds = [seed + k for k in range(n_models)]
+    if implementation == "fastdl-population":
+        def run():
+            model = build_network(population=n_models, dropout=dropout, seed=seeds,
+                                  device="cpu")
+            return train_population(model, splits, hyper, epochs, seed=seed)
+
+        return run
+    if implementation == "fastdl-sequential":
+        def run():
+            for k in range(n_models):
+                model = build_network(dropout=float(dropout[k]), seed=seeds[k], device="cpu")
+                train(model, splits, epochs, seed=seed, patience=epochs + 1,
+                      hyper={name: float(v[k]) for name, v in hyper.items()})
+
+        return run
+    if implementation == "torch-sequential":
+        import torch
+
+        from . import data
+
+        (X_train, y_train), _, _ = splits
+
+        def run():
+            for k in range(n_models):
+                torch.manual_seed(seeds[k])
+                layers, width = [], 64
+                for units in (256, 128):
+                    layers += [torch.nn.Linear(width, units, bias=False),
+                               torch.nn.BatchNorm1d(units), torch.nn.ReLU(),
+                               torch.nn.Dropout(float(dropout[k]))]
+                    width = units
+                model = torch.nn.Sequential(*layers, torch.nn.Linear(width, 10))
+                weights = [p for p in model.parameters() if p.ndim == 2]
+                others = [p for p in model.parameters() if p.ndim != 2]
+                lr0 = float(hyper["lr"][k])
+                opt = torch.optim.Adam(
+                    [{"params": weights, "weight_decay": float(hyper["weight_decay"][k])},
+                     {"params": others, "weight_decay": 0.0}], lr=lr0,
+                    betas=(float(hyper["beta1"][k]), float(hyper["beta2"][k])), fused=True)
+                for epoch in range(epochs):
+                    for group in opt.param_groups:
+                        group["lr"] = lr0 / (1 + 0.05 * epoch)
+                    for xb, yb in data.minibatches(X_train, y_train, 64, seed=seed * 1000 + epoch):
+                        opt.zero_grad(set_to_none=False)
+                        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(xb)),
+                                                                 torch.from_numpy(yb))
+                        loss.backward()
+                        opt.step()
+
+        return run
+    raise ValueError(f"implementation must be one of {POPULATION_IMPLEMENTATIONS}; got "
+                     f"{implementation!r}")

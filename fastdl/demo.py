@@ -174,7 +174,9 @@ def train_population(model, splits, hyper, epochs=10, optimizer="adam", batch_si
         start = time.perf_counter()
         opt.lr = schedule(epoch)
         total, seen = np.zeros(n_models), 0
-        with cpu_threads(1) if device == "cpu" else contextlib.nullcontext():
+        # a diverging model overflows: expected, and reported through history.frozen
+        with cpu_threads(1) if device == "cpu" else contextlib.nullcontext(), \
+                np.errstate(over="ignore", invalid="ignore"):
             for X, y in data.minibatches(X_train, y_train, batch_size,
                                          seed=seed * 1000 + epoch):
                 labels = np.ascontiguousarray(np.broadcast_to(y, (n_models, len(y))))
@@ -186,7 +188,8 @@ def train_population(model, splits, hyper, epochs=10, optimizer="adam", batch_si
                 seen += len(y)
         history.epoch_seconds.append(time.perf_counter() - start)
         model.eval()
-        logits = model.forward(to_device(X_dev))
+        with np.errstate(over="ignore", invalid="ignore"):
+            logits = model.forward(to_device(X_dev))
         dev_loss = to_host(loss_fn.forward(logits, dev_labels)).astype(np.float64)
         accuracy = np.mean(np.argmax(to_host(logits), axis=2) == y_dev, axis=1)
         model.train()
