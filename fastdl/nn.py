@@ -169,7 +169,8 @@ class Linear(Layer):
         self._x = None
 
     def _check_x(self, x):
-        shared = len(x.shape) == 2
+        shape = tuple(x.shape)  # a tuple: the simulator's shapes take no negative index
+        shared = len(shape) == 2
         if self.population is None and not shared:
             raise ValueError(f"x must have rank 2; got shape {tuple(x.shape)}")
         if not shared and (len(x.shape) != 3 or x.shape[0] != self.population):
@@ -177,13 +178,14 @@ class Linear(Layer):
                              f"({self.population}, ., .) (one batch per model); got shape "
                              f"{tuple(x.shape)}")
         _check_layer_input(x, "x", len(x.shape), self.dtype, self.device)
-        if x.shape[self.feature_axis] != self.n_in:
+        if shape[self.feature_axis] != self.n_in:
             axis = self.feature_axis if shared or self.feature_axis == -1 else 1
             raise ValueError(f"x must have {self.n_in} features along axis {axis}; got shape "
-                             f"{tuple(x.shape)}")
+                             f"{shape}")
 
     def _out_shape(self, x):
-        examples = x.shape[-1] if self.feature_axis == 0 else x.shape[-2]
+        shape = tuple(x.shape)
+        examples = shape[-1] if self.feature_axis == 0 else shape[-2]
         per_model = (self.n_out, examples) if self.feature_axis == 0 else (examples, self.n_out)
         return per_model if self.population is None else (self.population,) + per_model
 
@@ -209,7 +211,7 @@ class Linear(Layer):
         _check_layer_input(dout, "dout", len(expected), self.dtype, self.device,
                            lambda shape: _expect_shape(shape, expected, "dout"))
         lead = () if self.population is None else (self.population,)
-        dx = self._out("dx", lead + tuple(x.shape[-2:]), self.dtype, x)
+        dx = self._out("dx", lead + tuple(x.shape)[-2:], self.dtype, x)
         if self.feature_axis == 0:
             _dense.matmul(dout, x, self.dW, transpose_b=True)
             _dense.matmul(self.W, dout, dx, transpose_a=True)

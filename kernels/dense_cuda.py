@@ -35,37 +35,40 @@ def _scalar(dtype):
     return from_dtype(np.dtype(dtype))
 
 
-@kernel([(array(d, 2), array(d, 2), I64, I64, _scalar(d), array(d, 2)) for d in DTYPES])
+@kernel([(array(d, 3), array(d, 3), I64, I64, _scalar(d), array(d, 3)) for d in DTYPES])
 def matmul_cuda(a, b, transpose_a, transpose_b, alpha, out):
-    """out (M, N) = alpha * op(a) (M, K) @ op(b) (K, N)."""
+    """out[i] (M, N) = alpha * op(a[i]) (M, K) @ op(b[i]) (K, N) for each of the B matrices of
+    out; an operand with a leading axis of 1 is shared by all (a population's shared batch)."""
     tile_a = cuda.shared.array((TILE, TILE), a.dtype)  # tile_a[r, k] = op(a)[row0 + r, k0 + k]
     tile_b = cuda.shared.array((TILE, TILE), a.dtype)  # tile_b[k, c] = op(b)[k0 + k, col0 + c]
     tid = cuda.threadIdx.x
     ty, tx = tid // TILE, tid % TILE
     active = tid < TILE * TILE
-    n_rows, n_cols = out.shape
-    depth = a.shape[0] if transpose_a else a.shape[1]
+    n_batch, n_rows, n_cols = out.shape
+    depth = a.shape[1] if transpose_a else a.shape[2]
     zero = alpha - alpha
     tiles_c = (n_cols + TILE - 1) // TILE
-    n_tiles = ((n_rows + TILE - 1) // TILE) * tiles_c
-    for t in range(cuda.blockIdx.x, n_tiles, cuda.gridDim.x):
-        row0, col0 = (t // tiles_c) * TILE, (t % tiles_c) * TILE
+    tiles = ((n_rows + TILE - 1) // TILE) * tiles_c
+    for t in range(cuda.blockIdx.x, n_batch * tiles, cuda.gridDim.x):
+        i, t_in = t // tiles, t % tiles
+        ia, ib = (i if a.shape[0] > 1 else 0), (i if b.shape[0] > 1 else 0)
+        row0, col0 = (t_in // tiles_c) * TILE, (t_in % tiles_c) * TILE
         acc = zero
         for k0 in range(0, depth, TILE):
             if active:
                 # thread (ty, tx) reads the element tx along the operand's contiguous axis
-                if transpose_a:  # a (K, M): op(a)[r, k] = a[k, r]
+                if transpose_a:  # a[i] (K, M): op(a)[r, k] = a[i, k, r]
                     k, r = k0 + ty, row0 + tx
-                    tile_a[tx, ty] = a[k, r] if k < depth and r < n_rows else zero
+                    tile_a[tx, ty] = a[ia, k, r] if k < depth and r < n_rows else zero
                 else:
                     r, k = row0 + ty, k0 + tx
-                    tile_a[ty, tx] = a[r, k] if r < n_rows and k < depth else zero
-                if transpose_b:  # b (N, K): op(b)[k, c] = b[c, k]
+                    tile_a[ty, tx] = a[ia, r, k] if r < n_rows and k < depth else zero
+                if transpose_b:  # b[i] (N, K): op(b)[k, c] = b[i, c, k]
                     c, k = col0 + ty, k0 + tx
-                    tile_b[tx, ty] = b[c, k] if c < n_cols and k < depth else zero
+                    tile_b[tx, ty] = b[ib, c, k] if c < n_cols and k < depth else zero
                 else:
                     k, c = k0 + ty, col0 + tx
-                    tile_b[ty, tx] = b[k, c] if k < depth and c < n_cols else zero
+                    tile_b[ty, tx] = b[ib, k, c] if k < depth and c < n_cols else zero
             cuda.syncthreads()
             if active:
                 for kk in range(TILE):
@@ -73,25 +76,27 @@ def matmul_cuda(a, b, transpose_a, transpose_b, alpha, out):
             cuda.syncthreads()
         row, col = row0 + ty, col0 + tx
         if active and row < n_rows and col < n_cols:
-            out[row, col] = alpha * acc
+            out[i, row, col] = alpha * acc
 
 
-@kernel([(array(d), array(d), I64, I64) for d in DTYPES])
-def add_bias_cuda(y, bias, n_features, inner):
-    """y += bias[f] with y flat, feature f of element i = (i // inner) % n_features."""
+@kernel([(array(d), array(d), I64, I64, I64) for d in DTYPES])
+def add_bias_cuda(y, bias, n_features, inner, per_model):
+    """y += bias[k, f] with y flat: element i is of model k = i // per_model and feature
+    f = (i // inner) % n_features; bias flat (K * n_features)."""
     for i in range(cuda.grid(1), y.shape[0], cuda.gridsize(1)):
-        y[i] += bias[(i // inner) % n_features]
+        y[i] += bias[(i // per_model) * n_features + (i // inner) % n_features]
 
 
-@kernel([(array(d, 2), array(d)) for d in DTYPES])
+@kernel([(array(d, 3), array(d)) for d in DTYPES])
 def column_sums_cuda(dy, out):
-    """out[f] = sum over rows of dy[:, f]."""
-    n_rows, n_cols = dy.shape
-    for f in range(cuda.grid(1), n_cols, cuda.gridsize(1)):
-        total = dy[0, f]
+    """out[k * F + f] = sum over rows of dy[k, :, f], for dy (K, N, F)."""
+    n_models, n_rows, n_cols = dy.shape
+    for item in range(cuda.grid(1), n_models * n_cols, cuda.gridsize(1)):
+        k, f = item // n_cols, item % n_cols
+        total = dy[k, 0, f]
         for r in range(1, n_rows):
-            total += dy[r, f]
-        out[f] = total
+            total += dy[k, r, f]
+        out[item] = total
 
 
 @kernel([(array(d), I64, _scalar(d), array(d)) for d in DTYPES])
@@ -135,26 +140,38 @@ def _items(size):
     return -(-size // THREADS_PER_BLOCK)
 
 
+def _batched(a):
+    """``a`` as (B, rows, cols): a 2-D matrix becomes a batch of one."""
+    a = as_cuda_array(a)
+    return a.reshape((1,) + tuple(a.shape)) if len(a.shape) == 2 else a
+
+
 def matmul(a, b, out, transpose_a, transpose_b):
-    out = as_cuda_array(out)
-    n_tiles = -(-out.shape[0] // TILE) * -(-out.shape[1] // TILE)
-    launch(matmul_cuda, n_tiles, as_cuda_array(a), as_cuda_array(b), int(transpose_a),
-           int(transpose_b), out.dtype.type(1), out)
+    out = _batched(out)
+    n_tiles = out.shape[0] * -(-out.shape[1] // TILE) * -(-out.shape[2] // TILE)
+    launch(matmul_cuda, n_tiles, _batched(a), _batched(b), int(transpose_a), int(transpose_b),
+           out.dtype.type(1), out)
 
 
 def add_bias(y, bias, feature_axis):
-    y = as_cuda_array(y)
-    inner = y.shape[1] if feature_axis == 0 else 1
-    launch(add_bias_cuda, _items(y.size), _flat(y), as_cuda_array(bias), bias.shape[0], inner)
+    """y (.., N, F) or the notes' (.., F, m), with bias (.., F): per model when 3-D."""
+    y, shape = as_cuda_array(y), tuple(y.shape)  # tuples: the simulator's take no index -1
+    n_features = tuple(bias.shape)[-1]
+    inner = shape[-1] if feature_axis == 0 else 1
+    per_model = y.size // (y.shape[0] if len(y.shape) == 3 else 1)
+    launch(add_bias_cuda, _items(y.size), _flat(y), _flat(bias), n_features, inner,
+           per_model)
 
 
 def bias_grad(dy, feature_axis, out):
     dy = as_cuda_array(dy)
-    if feature_axis == 0:  # (F, m): one row per feature
-        ones = cuda.to_device(np.ones(dy.shape[0], dy.dtype))
-        as_cuda_array(out).copy_to_device(sum_per_model(_flat(dy), dy.shape[0], ones))
+    if feature_axis == 0:  # (.., F, m): one row of m per (model, feature)
+        rows = dy.size // tuple(dy.shape)[-1]
+        ones = cuda.to_device(np.ones(rows, dy.dtype))
+        _flat(out).copy_to_device(sum_per_model(_flat(dy), rows, ones))
     else:
-        launch(column_sums_cuda, _items(dy.shape[1]), dy, as_cuda_array(out))
+        dy = _batched(dy)
+        launch(column_sums_cuda, _items(dy.shape[0] * dy.shape[2]), dy, _flat(out))
 
 
 def activation(kind, x, out):

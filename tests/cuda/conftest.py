@@ -12,6 +12,14 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tests/reference.py
 
 
+def pytest_configure(config):
+    # In the simulator, dropout's generator multiplies 32-bit words held in NumPy int64 scalars:
+    # the product wraps, as on a GPU, and only its low 32 bits are kept (the masks equal the
+    # CPU's, which the tests check), but NumPy warns about the wrap.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:overflow encountered in scalar multiply:RuntimeWarning")
+
+
 def pytest_collection_modifyitems(config, items):
     import fastdl as fd
 

@@ -90,3 +90,37 @@ def test_input_on_the_wrong_device_is_an_error():
     layer = nn.Linear(3, 2, device="cuda")
     with pytest.raises(TypeError, match="on cpu but the layer's parameters are on cuda"):
         layer.forward(np.zeros((2, 3), np.float32))
+
+
+def test_batched_matmul_with_a_shared_operand():
+    from fastdl import _dense
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 7)).astype(np.float32)  # shared by the 3 models
+    W = rng.standard_normal((3, 4, 7)).astype(np.float32)
+    out = cuda.device_array((3, 5, 4), np.float32)
+    _dense.matmul(cuda.to_device(x), cuda.to_device(W), out, False, True)
+    np.testing.assert_allclose(out.copy_to_host(), x @ W.transpose(0, 2, 1), **TOL[np.float32])
+
+
+def test_population_network_on_the_gpu_matches_the_cpu():
+    from fastdl import demo
+
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((6, 5)).astype(np.float32)
+    labels = np.ascontiguousarray(np.broadcast_to(rng.integers(0, 3, 6), (2, 6)))
+    runs = []
+    for device, to in [("cpu", np.asarray), ("cuda", cuda.to_device)]:
+        model = demo.build_network(5, (6,), 3, dropout=np.array([0.0, 0.3]), seed=[1, 2],
+                                   device=device, population=2)
+        opt = demo.make_optimizer("adam", model, dict(lr=np.array([0.01, 0.05])),
+                                  population=True)
+        loss_fn = nn.SoftmaxCrossEntropy(population=2)
+        for _ in range(2):
+            loss = loss_fn.forward(model.forward(to(X)), to(labels))
+            model.backward(loss_fn.backward())
+            opt.step(model.grads())
+        runs.append((fd.to_host(loss), [fd.to_host(p) for p in model.params()]))
+    np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-5)
+    for p_gpu, p_cpu in zip(runs[1][1], runs[0][1]):
+        np.testing.assert_allclose(p_gpu, p_cpu, rtol=1e-4, atol=1e-6)
