@@ -558,7 +558,7 @@ def make_epoch_step(case, implementation, seed=0):
             with cpu_threads(1):  # the cores go to BLAS (fd.cpu_threads says why)
                 for xb, yb in batches:
                     loss_fn.forward(model.forward(xb), yb)
-                    model.backward(loss_fn.backward())
+                    model.backward(loss_fn.backward(), input_grad=False)
                     opt.step(grads)
 
         return epoch

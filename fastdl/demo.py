@@ -134,7 +134,7 @@ def train(model, splits, epochs=40, optimizer="adam", hyper=None, batch_size=64,
             for X, y in data.minibatches(X_train, y_train, batch_size,
                                          seed=seed * 1000 + epoch):
                 loss = loss_fn.forward(model.forward(to_device(X)), to_device(y))
-                model.backward(loss_fn.backward())
+                model.backward(loss_fn.backward(), input_grad=False)
                 opt.step(grads)
                 total += float(to_host(loss)) * len(y)
                 seen += len(y)
@@ -181,7 +181,7 @@ def train_population(model, splits, hyper, epochs=10, optimizer="adam", batch_si
                                          seed=seed * 1000 + epoch):
                 labels = np.ascontiguousarray(np.broadcast_to(y, (n_models, len(y))))
                 loss = loss_fn.forward(model.forward(to_device(X)), to_device(labels))
-                model.backward(loss_fn.backward())
+                model.backward(loss_fn.backward(), input_grad=False)
                 info = opt.step(grads)
                 history.frozen |= info.found_inf
                 total += to_host(loss).astype(np.float64) * len(y)

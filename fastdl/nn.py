@@ -201,25 +201,30 @@ class Linear(Layer):
         self._x = x
         return y
 
-    def backward(self, dout):
+    def backward(self, dout, input_grad=True):
         """Write dW (and db); return the input's gradient (per model for a population, also
-        for a shared batch)."""
+        for a shared batch), or None with ``input_grad=False`` (a network's first layer: the
+        data needs no gradient, and its product is skipped)."""
         if self._x is None:
             raise ValueError("backward needs a forward first")
         x = self._x
         expected = self._out_shape(x)
         _check_layer_input(dout, "dout", len(expected), self.dtype, self.device,
                            lambda shape: _expect_shape(shape, expected, "dout"))
+        if self.feature_axis == 0:
+            _dense.matmul(dout, x, self.dW, transpose_b=True)
+        else:
+            _dense.matmul(dout, x, self.dW, transpose_a=True)
+        if "b" in self.param_names:
+            _dense.bias_grad(dout, self.feature_axis, self.db)
+        if not input_grad:
+            return None
         lead = () if self.population is None else (self.population,)
         dx = self._out("dx", lead + tuple(x.shape)[-2:], self.dtype, x)
         if self.feature_axis == 0:
-            _dense.matmul(dout, x, self.dW, transpose_b=True)
             _dense.matmul(self.W, dout, dx, transpose_a=True)
         else:
-            _dense.matmul(dout, x, self.dW, transpose_a=True)
             _dense.matmul(dout, self.W, dx)
-        if "b" in self.param_names:
-            _dense.bias_grad(dout, self.feature_axis, self.db)
         return dx
 
     def __repr__(self):
@@ -489,9 +494,17 @@ class Sequential(Layer):
                 x = layer.forward(x)
         return x
 
-    def backward(self, dout):
+    def backward(self, dout, input_grad=True):
+        """Backward through every layer; returns the input's gradient, or None with
+        ``input_grad=False`` (training on data: a first Linear then skips that product)."""
         with _threads_beside_blas(dout):
-            for layer in reversed(self.layers):
+            for i in range(len(self.layers) - 1, -1, -1):
+                layer = self.layers[i]
+                if i == 0 and not input_grad:
+                    if isinstance(layer, Linear):
+                        return layer.backward(dout, input_grad=False)
+                    layer.backward(dout)
+                    return None
                 dout = layer.backward(dout)
         return dout
 

@@ -298,3 +298,17 @@ def test_early_stopping_stops_after_patience_and_restores_the_best():
     stopper.restore()
     for p, b in zip(model.params(), best):
         np.testing.assert_array_equal(p, b)
+
+
+def test_backward_without_the_input_gradient_writes_the_same_parameter_gradients(rng):
+    x, labels = rng.standard_normal((16, 5)), rng.integers(0, 3, 16)
+    grads = []
+    for input_grad in (True, False):
+        model = deep_network(-1)
+        loss_fn = nn.SoftmaxCrossEntropy()
+        loss_fn.forward(model.forward(x), labels)
+        dx = model.backward(loss_fn.backward(), input_grad=input_grad)
+        assert (dx is None) == (not input_grad)
+        grads.append([g.copy() for g in model.grads()])
+    for a, b in zip(*grads):
+        np.testing.assert_array_equal(a, b)
