@@ -265,6 +265,23 @@ def accuracy(model, X, y):
     return float(np.mean(predictions == y))
 
 
+def select_device(name, program):
+    """Select device ``name`` for a command and say which it is (the command's first line);
+    None, with the reason on stderr, when a GPU was asked for and none is usable."""
+    from .bench import machine_description
+
+    set_device(name)
+    device = get_device()
+    if device == "cuda":
+        try:
+            require_cuda()
+        except RuntimeError as error:
+            print(f"{program}: {error}", file=sys.stderr)
+            return None
+    print(f"device: {device} ({machine_description()})", flush=True)
+    return device
+
+
 def run(argv=None):
     parser = argparse.ArgumentParser(prog="fastdl demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -280,17 +297,9 @@ def run(argv=None):
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
-    set_device(args.device)
-    device = get_device()
-    if device == "cuda":
-        try:
-            require_cuda()
-        except RuntimeError as error:
-            print(f"fastdl demo: {error}", file=sys.stderr)
-            return 2
-    from .bench import machine_description
-
-    print(f"device: {device} ({machine_description()})", flush=True)
+    device = select_device(args.device, "fastdl demo")
+    if device is None:
+        return 2
     splits = load_digits(args.seed)
     (X_train, y_train), (X_dev, y_dev), (X_test, y_test) = splits
     print(f"digits: {len(y_train)} train, {len(y_dev)} dev, {len(y_test)} test examples of 64 "

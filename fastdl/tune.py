@@ -276,9 +276,7 @@ def run(argv=None):
     import argparse
     import os
 
-    from .bench import machine_description
-    from .demo import load_digits
-    from .device import get_device, require_cuda, set_device
+    from .demo import load_digits, select_device
 
     parser = argparse.ArgumentParser(prog="fastdl tune", description="Random search, coarse to "
                                      "fine, over the demo network's hyperparameters on the "
@@ -295,15 +293,9 @@ def run(argv=None):
     for name in ("models", "rounds", "epochs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
-    set_device(args.device)
-    device = get_device()
-    if device == "cuda":
-        try:
-            require_cuda()
-        except RuntimeError as error:
-            print(f"fastdl tune: {error}")
-            return 2
-    print(f"device: {device} ({machine_description()})", flush=True)
+    device = select_device(args.device, "fastdl tune")
+    if device is None:
+        return 2
     splits = load_digits(args.seed)
     space = default_space(args.optimizer)
     results = []
