@@ -241,6 +241,10 @@ def _expect_shape(shape, expected, name):
 class _Activation(Layer):
     kind = None
 
+    def __init__(self, population=None):
+        # elementwise: a population's leading K axis needs nothing; taken for a uniform API
+        self.population = _check_population(population)
+
     def forward(self, x):
         if location(x) == "cpu" and not isinstance(x, np.ndarray):
             raise TypeError(f"x must be a NumPy or GPU array; got {_checks.describe(x)}")
