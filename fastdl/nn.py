@@ -416,6 +416,7 @@ class SoftmaxCrossEntropy(Layer):
         or probabilities); the gradient is kept for :meth:`backward`."""
         out = self._out("dlogits", logits.shape, logits.dtype, logits)
         loss, self._grad = softmax_cross_entropy(logits, target, out=out, **self.options)
+        self._scale = 1.0
         return loss
 
     def backward(self, dout=1.0):
@@ -424,8 +425,11 @@ class SoftmaxCrossEntropy(Layer):
             raise ValueError("backward needs a forward first")
         if not _checks.is_real_scalar(dout):
             raise TypeError(f"dout must be a number; got {_checks.describe(dout)}")
-        if dout != 1:
-            _dense.scale(self._grad, dout)
+        if dout != self._scale:  # the gradient is scaled in place, relative to what it holds
+            if self._scale == 0:
+                raise ValueError("the gradient was scaled by 0: call forward again")
+            _dense.scale(self._grad, dout / self._scale)
+            self._scale = dout
         return self._grad
 
     def __repr__(self):

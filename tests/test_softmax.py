@@ -285,6 +285,8 @@ def test_loss_layer_equals_the_function(rng, shape, axis):
     assert_close(layer.backward(), want_grad, np.float32, SOFTMAX_TOLERANCE, "dlogits")
     layer.forward(z, labels)
     assert_close(layer.backward(2.0), 2 * want_grad, np.float32, SOFTMAX_TOLERANCE, "2 dlogits")
+    assert_close(layer.backward(2.0), 2 * want_grad, np.float32, SOFTMAX_TOLERANCE, "again")
+    assert_close(layer.backward(), want_grad, np.float32, SOFTMAX_TOLERANCE, "back to 1")
     assert layer.params() == [] and layer.grads() == []
     with pytest.raises(ValueError, match="forward first"):
         fd.nn.SoftmaxCrossEntropy().backward()
