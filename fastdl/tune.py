@@ -237,10 +237,15 @@ BETAS = {"adam": {"beta1": beta_range(0.8, 0.99), "beta2": beta_range(0.99, 0.99
          "sgd": {}}
 
 
+LEARNING_RATES = {"adam": (1e-4, 1e-1), "adamw": (1e-4, 1e-1), "rmsprop": (1e-4, 1e-1),
+                  "momentum": (1e-3, 1.0), "sgd": (1e-3, 1.0)}
+
+
 def default_space(optimizer="adam"):
-    """The search space of ``python -m fastdl tune``: learning rate and L2 on a log scale, the
-    optimizer's betas on the 1 - beta log scale, the dropout rate linearly."""
-    return {"lr": loguniform(1e-4, 1e-1), **BETAS[optimizer],
+    """The search space of ``python -m fastdl tune``: learning rate and L2 on a log scale (the
+    learning rates a step of the optimizer's kind wants), the optimizer's betas on the 1 - beta
+    log scale, the dropout rate linearly."""
+    return {"lr": loguniform(*LEARNING_RATES[optimizer]), **BETAS[optimizer],
             "weight_decay": loguniform(1e-6, 1e-2), "dropout": uniform(0.0, 0.5)}
 
 
