@@ -528,6 +528,26 @@ EPOCH_CASES = {
 EPOCH_IMPLEMENTATIONS = ("fastdl", "numpy", "torch")
 
 
+def _torch_network(sizes, dropout, seed, lr, weight_decay, betas=(0.9, 0.999)):
+    """The demo's network in PyTorch (Linear without bias - BatchNorm1d - ReLU - Dropout
+    blocks, a Linear output) and fused Adam with L2 on the weights only."""
+    import torch
+
+    torch.manual_seed(seed)
+    layers, width = [], sizes[0]
+    for units in sizes[1:-1]:
+        layers += [torch.nn.Linear(width, units, bias=False), torch.nn.BatchNorm1d(units),
+                   torch.nn.ReLU(), torch.nn.Dropout(dropout)]
+        width = units
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(width, sizes[-1]))
+    weights = [p for p in model.parameters() if p.ndim == 2]
+    others = [p for p in model.parameters() if p.ndim != 2]
+    opt = torch.optim.Adam([{"params": weights, "weight_decay": weight_decay},
+                            {"params": others, "weight_decay": 0.0}], lr=lr, betas=betas,
+                           fused=True)
+    return model, opt
+
+
 def _epoch_data(case, seed):
     if case.data == "digits":
         from .demo import load_digits
@@ -573,17 +593,7 @@ def make_epoch_step(case, implementation, seed=0):
     if implementation == "torch":
         import torch
 
-        torch.manual_seed(seed)
-        layers, width = [], n_in
-        for units in hidden:
-            layers += [torch.nn.Linear(width, units, bias=False), torch.nn.BatchNorm1d(units),
-                       torch.nn.ReLU(), torch.nn.Dropout(0.1)]
-            width = units
-        model = torch.nn.Sequential(*layers, torch.nn.Linear(width, n_out))
-        weights = [p for p in model.parameters() if p.ndim == 2]
-        others = [p for p in model.parameters() if p.ndim != 2]
-        opt = torch.optim.Adam([{"params": weights, "weight_decay": 1e-4},
-                                {"params": others, "weight_decay": 0.0}], lr=1e-3, fused=True)
+        model, opt = _torch_network(case.sizes, 0.1, seed, lr=1e-3, weight_decay=1e-4)
         tensors = [(torch.from_numpy(xb), torch.from_numpy(yb)) for xb, yb in batches]
 
         def epoch():
@@ -643,21 +653,11 @@ def make_population_run(implementation, n_models=16, epochs=10, seed=0):
 
         def run():
             for k in range(n_models):
-                torch.manual_seed(seeds[k])
-                layers, width = [], 64
-                for units in (256, 128):
-                    layers += [torch.nn.Linear(width, units, bias=False),
-                               torch.nn.BatchNorm1d(units), torch.nn.ReLU(),
-                               torch.nn.Dropout(float(dropout[k]))]
-                    width = units
-                model = torch.nn.Sequential(*layers, torch.nn.Linear(width, 10))
-                weights = [p for p in model.parameters() if p.ndim == 2]
-                others = [p for p in model.parameters() if p.ndim != 2]
                 lr0 = float(hyper["lr"][k])
-                opt = torch.optim.Adam(
-                    [{"params": weights, "weight_decay": float(hyper["weight_decay"][k])},
-                     {"params": others, "weight_decay": 0.0}], lr=lr0,
-                    betas=(float(hyper["beta1"][k]), float(hyper["beta2"][k])), fused=True)
+                model, opt = _torch_network(
+                    (64, 256, 128, 10), float(dropout[k]), seeds[k], lr=lr0,
+                    weight_decay=float(hyper["weight_decay"][k]),
+                    betas=(float(hyper["beta1"][k]), float(hyper["beta2"][k])))
                 for epoch in range(epochs):
                     for group in opt.param_groups:
                         group["lr"] = lr0 / (1 + 0.05 * epoch)

@@ -78,6 +78,7 @@ class History:
     dev_accuracy: list = field(default_factory=list)
     lr: list = field(default_factory=list)
     epoch_seconds: list = field(default_factory=list)
+    frozen: object = None  # populations: (K,) bool, the models frozen after diverging
 
 
 def evaluate(model, loss_fn, X, y):

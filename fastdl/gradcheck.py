@@ -50,7 +50,7 @@ def check_layer(layer, x, target=None, loss=None, eps=1e-6, seed=0):
     layer ``loss`` (and ``target``), a network is checked end to end:
     ``loss.forward(layer.forward(x), target)``.
     """
-    x = np.array(x, np.float64 if x.dtype == np.float64 else x.dtype, order="C")
+    x = np.array(x, order="C")  # a copy, perturbed in place
     is_loss = target is not None and loss is None
 
     def scalar():

@@ -115,11 +115,6 @@ def _check_device(device):
     return device
 
 
-def _on_device(host, device):
-    """A host array's values in a new array on ``device``."""
-    return _dense.to_device_copy(host, device)
-
-
 class Linear(Layer):
     """A fully connected layer, W of shape (n_out, n_in) as in the notes and PyTorch::
 
@@ -158,7 +153,7 @@ class Linear(Layer):
                 for s in ([seeds] if population is None else seeds)]
         weights = draw[0] if population is None else np.stack(draw)
         lead = () if population is None else (population,)
-        self.W = _on_device(weights.astype(self.dtype), self.device)
+        self.W = _dense.to_device_copy(weights.astype(self.dtype), self.device)
         self.dW = _dense.zeros(lead + (self.n_out, self.n_in), self.dtype, self.device)
         self.param_names, self.grad_names = ("W",), ("dW",)
         if bias:
@@ -306,13 +301,14 @@ class BatchNorm(Layer):
         self.gamma, self.beta = self._buffers(storage, shape, "storage", (1.0, 0.0))
         self.dgamma, self.dbeta = self._buffers(grad_storage, shape, "grad_storage", (0.0, 0.0))
         self.running_mean = _dense.zeros(shape, self.dtype, self.device)
-        self.running_var = _on_device(np.ones(shape, self.dtype), self.device)
+        self.running_var = _dense.to_device_copy(np.ones(shape, self.dtype), self.device)
         self.momentum, self.eps, self.channel_axis = momentum, eps, channel_axis
         self._cache = None
 
     def _buffers(self, given, shape, name, values):
         if given is None:
-            return [_on_device(np.full(shape, v, self.dtype), self.device) for v in values]
+            return [_dense.to_device_copy(np.full(shape, v, self.dtype), self.device)
+                    for v in values]
         given = list(given)
         if len(given) != 2:
             raise ValueError(f"{name} must hold two arrays (gamma, beta); got {len(given)}")

@@ -164,3 +164,16 @@ def test_dropout_layer_population_rates(rng):
         fd.nn.Dropout([0.1, 0.2])
     with pytest.raises(ValueError, match="p"):
         fd.nn.Dropout(1.5)
+
+
+def test_population_with_one_seed_per_model_draws_each_models_lone_mask(rng):
+    x = rng.standard_normal((3, 40, 30)).astype(np.float32)
+    rates, seeds = np.array([0.2, 0.5, 0.7]), [11, 12, 13]
+    y, mask = fd.dropout_forward(x, rates, seed=seeds, population=True)
+    for k in range(3):
+        np.testing.assert_array_equal(mask[k], ref_mask(x[k].shape, rates[k], seeds[k]))
+        np.testing.assert_array_equal(y[k], ref_dropout(x[k], mask[k], rates[k]))
+    with pytest.raises(ValueError, match="3 ints"):
+        fd.dropout_forward(x, rates, seed=[1, 2], population=True)
+    with pytest.raises(TypeError, match="seed"):
+        fd.dropout_forward(x[0], 0.5, seed=[1, 2])
