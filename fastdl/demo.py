@@ -109,6 +109,11 @@ def make_optimizer(name, model, hyper=None, population=False):
     return cls(groups, **options)
 
 
+def _beside_blas(device):
+    """Single-threaded kernels between BLAS products on the CPU (fd.cpu_threads says why)."""
+    return cpu_threads(1) if device == "cpu" else contextlib.nullcontext()
+
+
 def train(model, splits, epochs=40, optimizer="adam", hyper=None, batch_size=64, seed=0,
           patience=10, progress=None):
     """Train ``model`` on ``splits`` (from :func:`load_digits`); returns a :class:`History`.
@@ -130,8 +135,7 @@ def train(model, splits, epochs=40, optimizer="adam", hyper=None, batch_size=64,
         start = time.perf_counter()
         opt.lr = schedule(epoch)
         total, seen = 0.0, 0
-        # single-threaded kernels beside BLAS's threads (fd.cpu_threads says why)
-        with cpu_threads(1) if device == "cpu" else contextlib.nullcontext():
+        with _beside_blas(device):
             for X, y in data.minibatches(X_train, y_train, batch_size,
                                          seed=seed * 1000 + epoch):
                 loss = loss_fn.forward(model.forward(to_device(X)), to_device(y))
@@ -176,8 +180,7 @@ def train_population(model, splits, hyper, epochs=10, optimizer="adam", batch_si
         opt.lr = schedule(epoch)
         total, seen = np.zeros(n_models), 0
         # a diverging model overflows: expected, and reported through history.frozen
-        with cpu_threads(1) if device == "cpu" else contextlib.nullcontext(), \
-                np.errstate(over="ignore", invalid="ignore"):
+        with _beside_blas(device), np.errstate(over="ignore", invalid="ignore"):
             for X, y in data.minibatches(X_train, y_train, batch_size,
                                          seed=seed * 1000 + epoch):
                 labels = np.ascontiguousarray(np.broadcast_to(y, (n_models, len(y))))
@@ -189,9 +192,9 @@ def train_population(model, splits, hyper, epochs=10, optimizer="adam", batch_si
                 seen += len(y)
         history.epoch_seconds.append(time.perf_counter() - start)
         model.eval()
-        with np.errstate(over="ignore", invalid="ignore"):
+        with _beside_blas(device), np.errstate(over="ignore", invalid="ignore"):
             logits = model.forward(to_device(X_dev))
-        dev_loss = to_host(loss_fn.forward(logits, dev_labels)).astype(np.float64)
+            dev_loss = to_host(loss_fn.forward(logits, dev_labels)).astype(np.float64)
         accuracy = np.mean(np.argmax(to_host(logits), axis=2) == y_dev, axis=1)
         model.train()
         history.train_loss.append(total / seen)
