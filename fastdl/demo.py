@@ -10,7 +10,6 @@ accuracy.
 """
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -20,11 +19,10 @@ import numpy as np
 
 from . import data, nn, optim, schedules
 from .device import (
-    cpu_threads,
     get_device,
-    location,
     require_cuda,
     set_device,
+    threads_beside_blas,
     to_device,
     to_host,
 )
@@ -109,11 +107,6 @@ def make_optimizer(name, model, hyper=None, population=False):
     return cls(groups, **options)
 
 
-def _beside_blas(device):
-    """Single-threaded kernels between BLAS products on the CPU (fd.cpu_threads says why)."""
-    return cpu_threads(1) if device == "cpu" else contextlib.nullcontext()
-
-
 def train(model, splits, epochs=40, optimizer="adam", hyper=None, batch_size=64, seed=0,
           patience=10, progress=None):
     """Train ``model`` on ``splits`` (from :func:`load_digits`); returns a :class:`History`.
@@ -129,13 +122,12 @@ def train(model, splits, epochs=40, optimizer="adam", hyper=None, batch_size=64,
     loss_fn = nn.SoftmaxCrossEntropy()
     stopper = nn.EarlyStopping(model, patience=patience)
     grads = model.grads()
-    device = location(grads[0])
     history = History()
     for epoch in range(epochs):
         start = time.perf_counter()
         opt.lr = schedule(epoch)
         total, seen = 0.0, 0
-        with _beside_blas(device):
+        with threads_beside_blas(grads[0]):
             for X, y in data.minibatches(X_train, y_train, batch_size,
                                          seed=seed * 1000 + epoch):
                 loss = loss_fn.forward(model.forward(to_device(X)), to_device(y))
@@ -171,7 +163,6 @@ def train_population(model, splits, hyper, epochs=10, optimizer="adam", batch_si
                                       decay_rate=0.05)
     loss_fn = nn.SoftmaxCrossEntropy(population=n_models)
     grads = model.grads()
-    device = location(grads[0])
     history = History()
     history.frozen = np.zeros(n_models, bool)
     dev_labels = to_device(np.ascontiguousarray(np.broadcast_to(y_dev, (n_models, len(y_dev)))))
@@ -180,7 +171,7 @@ def train_population(model, splits, hyper, epochs=10, optimizer="adam", batch_si
         opt.lr = schedule(epoch)
         total, seen = np.zeros(n_models), 0
         # a diverging model overflows: expected, and reported through history.frozen
-        with _beside_blas(device), np.errstate(over="ignore", invalid="ignore"):
+        with threads_beside_blas(grads[0]), np.errstate(over="ignore", invalid="ignore"):
             for X, y in data.minibatches(X_train, y_train, batch_size,
                                          seed=seed * 1000 + epoch):
                 labels = np.ascontiguousarray(np.broadcast_to(y, (n_models, len(y))))
@@ -192,7 +183,7 @@ def train_population(model, splits, hyper, epochs=10, optimizer="adam", batch_si
                 seen += len(y)
         history.epoch_seconds.append(time.perf_counter() - start)
         model.eval()
-        with _beside_blas(device), np.errstate(over="ignore", invalid="ignore"):
+        with threads_beside_blas(grads[0]), np.errstate(over="ignore", invalid="ignore"):
             logits = model.forward(to_device(X_dev))
             dev_loss = to_host(loss_fn.forward(logits, dev_labels)).astype(np.float64)
         accuracy = np.mean(np.argmax(to_host(logits), axis=2) == y_dev, axis=1)

@@ -152,3 +152,10 @@ def cpu_threads(n):
         yield
     finally:
         numba.set_num_threads(previous)
+
+
+def threads_beside_blas(like):
+    """``cpu_threads(1)`` when ``like`` is a host array (fastdl's kernels run single-threaded
+    between BLAS products, which take the cores: :func:`cpu_threads` says why); nothing for a
+    GPU array."""
+    return contextlib.nullcontext() if is_device_array(like) else cpu_threads(1)

@@ -7,14 +7,13 @@ call to call when shapes repeat (a fresh 32 MB array costs page faults), so keep
 output you need past the next call.
 """
 
-import contextlib
 import math
 
 import numpy as np
 
 from . import _checks, _dense
 from .batchnorm import batch_norm_backward, batch_norm_forward
-from .device import cpu_threads, get_device, is_device_array, location, to_host
+from .device import get_device, is_device_array, location, threads_beside_blas, to_host
 from .dropout import dropout_backward, dropout_forward
 from .softmax import softmax_cross_entropy
 
@@ -493,7 +492,7 @@ class Sequential(Layer):
         return super().eval()
 
     def forward(self, x):
-        with _threads_beside_blas(x):
+        with threads_beside_blas(x):
             for layer in self.layers:
                 x = layer.forward(x)
         return x
@@ -501,7 +500,7 @@ class Sequential(Layer):
     def backward(self, dout, input_grad=True):
         """Backward through every layer; returns the input's gradient, or None with
         ``input_grad=False`` (training on data: a first Linear then skips that product)."""
-        with _threads_beside_blas(dout):
+        with threads_beside_blas(dout):
             for i in range(len(self.layers) - 1, -1, -1):
                 layer = self.layers[i]
                 if i == 0 and not input_grad:
@@ -529,12 +528,6 @@ class Sequential(Layer):
     def __repr__(self):
         inner = "".join(f"\n  {layer!r}," for layer in self.layers)
         return f"Sequential({inner}\n)"
-
-
-def _threads_beside_blas(x):
-    """On the CPU, fastdl's kernels run single-threaded between BLAS products, which take the
-    cores (:func:`fastdl.cpu_threads` says why)."""
-    return contextlib.nullcontext() if is_device_array(x) else cpu_threads(1)
 
 
 class EarlyStopping:
