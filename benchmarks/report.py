@@ -6,7 +6,9 @@
 import json
 import sys
 
-from fastdl import bench
+from fastdl.jobs.bench import OPTIM_CASES
+
+import cases
 
 
 def main(path):
@@ -20,30 +22,30 @@ def main(path):
         moved[info["case"]] = info["bytes_moved"]
     triad = moved["triad"] / times["triad", "numba"] / 1e9 if ("triad", "numba") in times \
         else None
-    if any(key in moved for key in bench.OPTIM_CASES):
+    if any(key in moved for key in OPTIM_CASES):
         print("| optimizer step | fastdl | NumPy textbook | PyTorch fused | vs NumPy | "
               "vs PyTorch | fastdl GB/s |")
         print("|---|---:|---:|---:|---:|---:|---:|")
-        for key, case in bench.OPTIM_CASES.items():
+        for key, case in OPTIM_CASES.items():
             _row(case.name, key, times, moved, ("fastdl", "numpy", "torch"))
         print()
-    tables = [(bench.BATCHNORM_CASES, "batch norm, forward + backward"),
-              (bench.SOFTMAX_CASES, "softmax cross-entropy, loss + gradient"),
-              (bench.DROPOUT_CASES, "dropout")]
-    for cases, title in tables:
-        if any(key in moved for key in cases):
+    tables = [(cases.BATCHNORM_CASES, "batch norm, forward + backward"),
+              (cases.SOFTMAX_CASES, "softmax cross-entropy, loss + gradient"),
+              (cases.DROPOUT_CASES, "dropout")]
+    for table, title in tables:
+        if any(key in moved for key in table):
             print(f"| {title} | fastdl | fastdl serial | NumPy textbook | PyTorch | "
                   "parallel vs serial | vs NumPy | vs PyTorch | fastdl GB/s |")
             print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-            for key, case in cases.items():
+            for key, case in table.items():
                 _row(case.name, key, times, moved,
                      ("fastdl", "fastdl-serial", "numpy", "torch"))
             print()
-    if any(key in moved for key in bench.EPOCH_CASES):
+    if any(key in moved for key in cases.EPOCH_CASES):
         print("| one training epoch | fastdl | NumPy textbook | PyTorch | vs NumPy | "
               "vs PyTorch |")
         print("|---|---:|---:|---:|---:|---:|")
-        for key, case in bench.EPOCH_CASES.items():
+        for key, case in cases.EPOCH_CASES.items():
             if (key, "fastdl") in times:
                 others = [times.get((key, i)) for i in ("fastdl", "numpy", "torch")]
                 cells = [case.name] + [_ms(t) for t in others] + [
@@ -54,7 +56,7 @@ def main(path):
         population = times["population_16", "fastdl-population"]
         print("| 16 demo networks, 10 epochs on the digits | time | population is faster by |")
         print("|---|---:|---:|")
-        for implementation in bench.POPULATION_IMPLEMENTATIONS:
+        for implementation in cases.POPULATION_IMPLEMENTATIONS:
             t = times.get(("population_16", implementation))
             print(f"| {implementation} | {_ms(t)} | {_ratio(t, population)} |")
         print()

@@ -1,6 +1,6 @@
 """Batch-norm benchmarks: forward + backward in training mode, float32, 2 threads; fastdl
 (parallel and forced-serial kernels) vs the NumPy textbook version vs PyTorch CPU, one run
-(cases in fastdl/bench.py).
+(cases in benchmarks/cases.py).
 
     python -m pytest benchmarks/test_batchnorm_bench.py --benchmark-enable \\
         --benchmark-json=benchmarks/batchnorm.json
@@ -9,16 +9,16 @@
 
 import pytest
 
-from fastdl import bench
+import cases
 
 
-@pytest.mark.parametrize("implementation", bench.BATCHNORM_IMPLEMENTATIONS)
-@pytest.mark.parametrize("case", bench.BATCHNORM_CASES)
-def test_batchnorm(benchmark, case, implementation):
-    spec = bench.BATCHNORM_CASES[case]
+@pytest.mark.parametrize("implementation", cases.BATCHNORM_IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", cases.BATCHNORM_CASES)
+def test_batchnorm(benchmark, sized, case, implementation):
+    spec = sized(cases.BATCHNORM_CASES[case])
     if implementation == "torch":
         pytest.importorskip("torch")
-    step = bench.make_batchnorm_step(spec, implementation)
+    step = cases.make_batchnorm_step(spec, implementation)
     if step is None:
         pytest.skip(f"{implementation} has no {spec.name} layout")
     step()  # compile outside the timing

@@ -1,6 +1,6 @@
 """Training many models at once ("Caviar"): K = 16 demo networks (64-256-128-10, batch 64,
 10 epochs on the digits, random hyperparameters) as one fastdl population vs the same 16 one
-after another with fastdl vs one after another in PyTorch CPU (cases in fastdl/bench.py).
+after another with fastdl vs one after another in PyTorch CPU (cases in benchmarks/cases.py).
 
     python -m pytest benchmarks/test_population_bench.py --benchmark-enable \\
         --benchmark-json=benchmarks/population.json
@@ -9,16 +9,16 @@ after another with fastdl vs one after another in PyTorch CPU (cases in fastdl/b
 
 import pytest
 
-from fastdl import bench
+import cases
 
 
-@pytest.mark.parametrize("implementation", bench.POPULATION_IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", cases.POPULATION_IMPLEMENTATIONS)
 def test_population(benchmark, implementation):
     if implementation.startswith("torch"):
         pytest.importorskip("torch")
     # the normal test run (benchmarks disabled) only smoke-tests a small case
-    n_models, epochs = (16, 10) if not benchmark.disabled else (2, 1)
-    run = bench.make_population_run(implementation, n_models, epochs)
+    n_models, epochs, n_examples = (16, 10, None) if not benchmark.disabled else (2, 1, 256)
+    run = cases.make_population_run(implementation, n_models, epochs, n_examples=n_examples)
     run()  # compile and warm up outside the timing
     benchmark.group = "population: 16 demo networks, 10 epochs"
     benchmark.extra_info.update(case="population_16", implementation=implementation,

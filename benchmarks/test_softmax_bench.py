@@ -1,6 +1,6 @@
 """Softmax cross-entropy (loss + gradient, mean over index targets) and dropout (forward +
 backward) benchmarks, float32, 2 threads: fastdl (parallel and forced-serial kernels) vs the
-NumPy textbook version vs PyTorch CPU, one run (cases in fastdl/bench.py).
+NumPy textbook version vs PyTorch CPU, one run (cases in benchmarks/cases.py).
 
     python -m pytest benchmarks/test_softmax_bench.py --benchmark-enable \\
         --benchmark-json=benchmarks/softmax.json
@@ -9,7 +9,7 @@ NumPy textbook version vs PyTorch CPU, one run (cases in fastdl/bench.py).
 
 import pytest
 
-from fastdl import bench
+import cases
 
 
 def _run(benchmark, group, case, key, implementation, make_step, bytes_per_element):
@@ -23,17 +23,17 @@ def _run(benchmark, group, case, key, implementation, make_step, bytes_per_eleme
     benchmark(step)
 
 
-@pytest.mark.parametrize("implementation", bench.SOFTMAX_IMPLEMENTATIONS)
-@pytest.mark.parametrize("case", bench.SOFTMAX_CASES)
-def test_softmax_cross_entropy(benchmark, case, implementation):
+@pytest.mark.parametrize("implementation", cases.SOFTMAX_IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", cases.SOFTMAX_CASES)
+def test_softmax_cross_entropy(benchmark, sized, case, implementation):
     # read the logits once, write the gradient once
-    _run(benchmark, "cross-entropy", bench.SOFTMAX_CASES[case], case, implementation,
-         bench.make_softmax_step, 8)
+    _run(benchmark, "cross-entropy", sized(cases.SOFTMAX_CASES[case]), case, implementation,
+         cases.make_softmax_step, 8)
 
 
-@pytest.mark.parametrize("implementation", bench.SOFTMAX_IMPLEMENTATIONS)
-@pytest.mark.parametrize("case", bench.DROPOUT_CASES)
-def test_dropout(benchmark, case, implementation):
+@pytest.mark.parametrize("implementation", cases.SOFTMAX_IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", cases.DROPOUT_CASES)
+def test_dropout(benchmark, sized, case, implementation):
     # forward: read x, write y and the mask; backward: read dy and the mask, write dx
-    _run(benchmark, "dropout", bench.DROPOUT_CASES[case], case, implementation,
-         bench.make_dropout_step, 18)
+    _run(benchmark, "dropout", sized(cases.DROPOUT_CASES[case]), case, implementation,
+         cases.make_dropout_step, 18)

@@ -4,7 +4,7 @@ Importing fastdl compiles nothing and does not import numba; kernels compile on 
 are cached on disk.
 """
 
-from . import data, gradcheck, nn, optim, schedules, tune
+from . import data, gradcheck, nn, optim, schedules, training, tune
 from .averages import ewa
 from .batchnorm import BatchNormCache, batch_norm_backward, batch_norm_forward
 from .device import (
@@ -42,6 +42,7 @@ __all__ = [
     "softmax_cross_entropy",
     "to_device",
     "to_host",
+    "training",
     "tune",
     "use_device",
 ]

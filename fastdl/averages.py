@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from . import _checks
+from . import _validate
 
 
 def ewa(values, beta, bias_correction=True):
@@ -17,10 +17,7 @@ def ewa(values, beta, bias_correction=True):
         raise TypeError(f"values must be real numbers; got dtype {series.dtype}")
     if series.ndim != 1:
         raise ValueError(f"values must be 1-D; got shape {series.shape}")
-    if not _checks.is_real_scalar(beta) or isinstance(beta, bool):
-        raise TypeError(f"beta must be a real number; got {_checks.describe(beta)}")
-    if not 0 <= beta < 1:
-        raise ValueError(f"beta must be in [0, 1); got {beta!r}")
+    beta = _validate.number(beta, "beta", _validate.unit_interval)
     dtype = series.dtype if series.dtype == np.float32 else np.float64
     out = np.empty(series.shape, dtype)
     v = 0.0

@@ -22,9 +22,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _checks
-from ._arrays import c_contiguous, check_out, device_of, view_shape
-from .device import require_cuda
+from . import _dispatch, _validate
+from ._dispatch import CudaOps, HostOps
 
 
 class BatchNormCache(NamedTuple):
@@ -41,60 +40,9 @@ class BatchNormCache(NamedTuple):
     ops: object  # the device's kernels, with their work plan for this shape
 
 
-def _check_input(x, name, population, device=None):
-    """Check an input array; returns its device ("cpu" or "cuda")."""
-    where = device_of(x)
-    if device is not None and where != device:
-        raise TypeError(f"{name} is on {where} but the forward input was on {device}: all "
-                        "arrays of a call must live on one device")
-    if where == "cuda":
-        require_cuda()
-    elif not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy or GPU array; got {_checks.describe(x)}")
-    if x.dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"{name} must have dtype float32 or float64; got {x.dtype}")
-    rank = len(x.shape) - (1 if population else 0)
-    if not 2 <= rank <= 5:
-        what = "per-model rank" if population else "rank"
-        raise ValueError(f"{name} must have {what} 2 to 5; got shape {tuple(x.shape)}")
-    if not c_contiguous(x):
-        raise ValueError(f"{name} must be C-contiguous (never copied); pass "
-                         f"np.ascontiguousarray({name}) (or its device equivalent)")
-    return where
-
-
-def _check_channel_axis(channel_axis, rank):
-    if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
-        raise TypeError(f"channel_axis must be an int; got {_checks.describe(channel_axis)}")
-    if not -rank <= channel_axis < rank:
-        raise ValueError(f"channel_axis must be in [{-rank}, {rank}) for a rank-{rank} input; "
-                         f"got {channel_axis}")
-    return int(channel_axis) % rank
-
-
-def _check_per_channel(a, name, shape, dtype, device, writable=False):
-    if a is None:
-        return
-    where = device_of(a)
-    if where != device:
-        raise TypeError(f"{name} is {'a GPU array' if where == 'cuda' else 'on the host'} but "
-                        f"x is on {device}: all arrays of a call must live on one device")
-    if where == "cpu" and not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy array of shape {shape}; got "
-                        f"{_checks.describe(a)}")
-    if a.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype} like x; got {a.dtype}")
-    if tuple(a.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape} (one value per channel"
-                         f"{' and model' if len(shape) == 2 else ''}); got {tuple(a.shape)}")
-    if writable and not (c_contiguous(a) and (where == "cuda" or a.flags.writeable)):
-        raise ValueError(f"{name} is updated in place: it must be writable and C-contiguous")
-
-
-class _CpuOps:
-    """The CPU kernels (``kernels/batchnorm.py``) on NumPy arrays."""
-
-    device = "cpu"
+class _BatchNormCpu(HostOps):
+    """The CPU kernels (``kernels/batchnorm.py``) on NumPy arrays of the (K, outer, C, inner)
+    ``view``, with their work plan (cached per shape in the kernel module)."""
 
     def __init__(self, view):
         from fastdl.kernels import batchnorm as kernels
@@ -113,81 +61,63 @@ class _CpuOps:
         return shift.astype(np.float64), s1, s2
 
     def comoments(self, dy, x, mean):
+        """(sum(dy), sum(dy * (x - mean))), float64 (K, C)."""
         return self.kernels.channel_comoments(self.plan, self._as_view(dy), self._as_view(x),
                                               mean)
 
     def affine(self, x, mean, scale, shift, y):
+        """y = (x - mean) * scale + shift, per-channel coefficients."""
         self.kernels.affine(self.plan, self._as_view(x), mean, scale, shift, self._as_view(y))
 
     def input_grad(self, dy, x, a, b, mean, c0, dx):
+        """dx = a * dy + b * (x - mean) + c0, per-channel coefficients."""
         self.kernels.input_grad(self.plan, self._as_view(dy), self._as_view(x), a, b, mean, c0,
                                 self._as_view(dx))
 
-    def coefficients(self, values, dtype):
-        return np.ascontiguousarray(values, dtype)
-
-    empty_like = staticmethod(np.empty_like)
-
-    @staticmethod
-    def to_host(a):
-        return a
-
-    @staticmethod
-    def write(a, values):
-        a[...] = values
+    # coefficients(values, dtype): per-channel host values (K, C) as the kernels take them,
+    # (K, C) arrays of dtype (no copy when they already are)
+    coefficients = staticmethod(HostOps.from_host)
 
 
-class _CudaOps:
-    """The CUDA kernels (``kernels/batchnorm_cuda.py``) on device arrays: two launches a
-    pass-pair (a reduction, then the elementwise pass); per-channel values cross to the host,
-    where the statistics and coefficients are computed in float64."""
-
-    device = "cuda"
+class _BatchNormCuda(CudaOps):
+    """The CUDA kernels (``kernels/batchnorm_cuda.py``) on device arrays, passed flat: two
+    launches a pass-pair (a reduction, then the elementwise pass); per-channel values cross to
+    the host, where the statistics and coefficients are computed in float64."""
 
     def __init__(self, view):
+        super().__init__()
         from fastdl.kernels import batchnorm_cuda as kernels
-        from fastdl.kernels.cudalib import as_cuda_array, cuda
 
-        self.kernels, self.cuda, self.as_cuda_array = kernels, cuda, as_cuda_array
+        self.kernels = kernels
         self.view = view
-        self.plan = view
-
-    def _flat(self, a):
-        a = self.as_cuda_array(a)
-        return a.reshape(a.size) if len(a.shape) != 1 else a
 
     def moments(self, x):
         n_models, _, channels, _ = self.view
-        x = self._flat(x)
-        shift = self.cuda.to_device(np.zeros(n_models * channels, x.dtype))
+        x = self.flat(x)
+        shift = self.zeros(n_models * channels, x.dtype)  # written by the kernel: a sample
         s1, s2 = self.kernels.channel_sums(x, x, shift, shift, self.view, sample_shift=True)
         return shift.copy_to_host().reshape(n_models, channels).astype(np.float64), s1, s2
 
     def comoments(self, dy, x, mean):
-        zeros = self.cuda.to_device(np.zeros(mean.size, mean.dtype))
-        return self.kernels.channel_sums(self._flat(dy), self._flat(x), zeros,
+        return self.kernels.channel_sums(self.flat(dy), self.flat(x),
+                                         self.zeros(mean.size, mean.dtype),
                                          self.coefficients(mean, mean.dtype), self.view,
                                          sample_shift=False)
 
     def affine(self, x, mean, scale, shift, y):
-        self.kernels.affine(self._flat(x), self.view, mean, scale, shift, self._flat(y))
+        self.kernels.affine(self.flat(x), self.view, mean, scale, shift, self.flat(y))
 
     def input_grad(self, dy, x, a, b, mean, c0, dx):
-        self.kernels.input_grad(self._flat(dy), self._flat(x), self.view, a, b, mean, c0,
-                                self._flat(dx))
+        self.kernels.input_grad(self.flat(dy), self.flat(x), self.view, a, b, mean, c0,
+                                self.flat(dx))
 
     def coefficients(self, values, dtype):
-        return self.cuda.to_device(np.ascontiguousarray(values, dtype).reshape(-1))
+        """Per-channel host values (K, C) as the kernels take them: flat (K * C) device
+        arrays of ``dtype``."""
+        return self.from_host(np.reshape(values, -1), dtype)
 
-    def empty_like(self, a):
-        a = self.as_cuda_array(a)
-        return self.cuda.device_array(a.shape, a.dtype)
 
-    def to_host(self, a):
-        return self.as_cuda_array(a).copy_to_host()
-
-    def write(self, a, values):
-        self.as_cuda_array(a).copy_to_device(np.ascontiguousarray(values, a.dtype))
+_FAMILY = {"cpu": _BatchNormCpu, "cuda": _BatchNormCuda}
 
 
 def _split_mean(mean, dtype):
@@ -206,20 +136,20 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True,
     1 / 0; running statistics None are not tracked in training and are required at test time.
     Training updates the running statistics in place. ``out``: where to write y.
     """
-    device = _check_input(x, "x", population)
-    rank = len(x.shape) - (1 if population else 0)
-    axis = _check_channel_axis(channel_axis, rank)
-    view = view_shape(tuple(x.shape), axis, population)
+    population = _validate.population_flag(population)
+    device = _validate.float_array(x, "x", population, ranks=(2, 5))
+    rank = len(x.shape) - int(population)
+    axis = _validate.axis(channel_axis, rank, "channel_axis")
+    view = _validate.view_shape(tuple(x.shape), axis, population)
     n_models, outer, channels, inner = view
     per_channel = (n_models, channels) if population else (channels,)
+    training = _validate.flag(training, "training")
     for name, a in [("gamma", gamma), ("beta", beta)]:
-        _check_per_channel(a, name, per_channel, x.dtype, device)
+        _validate.per_model_array(a, name, per_channel, x.dtype, device)
     for name, a in [("running_mean", running_mean), ("running_var", running_var)]:
-        _check_per_channel(a, name, per_channel, x.dtype, device, writable=training)
+        _validate.per_model_array(a, name, per_channel, x.dtype, device, writable=training)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var go together: give both or neither")
-    if not isinstance(training, (bool, np.bool_)):
-        raise TypeError(f"training must be a bool; got {_checks.describe(training)}")
     if not training and running_mean is None:
         raise ValueError("training=False normalizes with the running statistics: "
                          "running_mean and running_var are required (got None)")
@@ -227,14 +157,12 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True,
     if training and m == 1:
         raise ValueError(f"training needs more than one value per channel (x of shape "
                          f"{x.shape} has 1 per channel at channel_axis={channel_axis})")
-    if not _checks.is_real_scalar(momentum) or not 0 <= momentum <= 1:
-        raise ValueError(f"momentum must be a number in [0, 1]; got {momentum!r}")
-    if not _checks.is_real_scalar(eps) or not eps > 0:
-        raise ValueError(f"eps must be a number > 0; got {eps!r}")
-    check_out(out, "out", x, device, forbid_overlap=x,
-              reason="x: backward reads x from the cache")
+    momentum = _validate.number(momentum, "momentum", _validate.closed_unit_interval)
+    eps = _validate.number(eps, "eps", _validate.positive)
+    _validate.check_out(out, "out", x, device, forbid_overlap=x,
+                        reason="x: backward reads x from the cache")
 
-    ops = _CudaOps(view) if device == "cuda" else _CpuOps(view)
+    ops = _dispatch.select(_FAMILY, device, view)
     if training:
         shift, s1, s2 = ops.moments(x)
         centered_mean = s1 / m
@@ -258,7 +186,7 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True,
     ops.affine(x, ops.coefficients(mean_near, x.dtype), ops.coefficients(scale, x.dtype),
                ops.coefficients(beta64 - mean_error * scale, x.dtype), y)
     cache = BatchNormCache(x, mean.reshape(per_channel), inv_std.reshape(per_channel), gamma,
-                           bool(training), axis, bool(population), m, ops)
+                           training, axis, population, m, ops)
     return y, cache
 
 
@@ -278,12 +206,13 @@ def batch_norm_backward(dy, cache, out=None):
         raise TypeError(f"cache must be the BatchNormCache of batch_norm_forward; got "
                         f"{type(cache).__name__}")
     x = cache.x
-    device = _check_input(dy, "dy", cache.population, cache.ops.device)
+    device = _validate.float_array(dy, "dy", cache.population, ranks=(2, 5),
+                                   device=cache.ops.device, other="the forward input was")
     if tuple(dy.shape) != tuple(x.shape) or dy.dtype != x.dtype:
         error = TypeError if dy.dtype != x.dtype else ValueError
         raise error(f"dy must have the forward input's shape {x.shape} and dtype {x.dtype}; "
-                    f"got {_checks.describe(dy)}")
-    check_out(out, "out", x, device)
+                    f"got {_validate.describe(dy)}")
+    _validate.check_out(out, "out", x, device)
 
     ops, m = cache.ops, cache.m
     n_models, channels = ops.view[0], ops.view[2]
@@ -304,7 +233,5 @@ def batch_norm_backward(dy, cache, out=None):
                    ops.coefficients(mean_near, x.dtype),
                    ops.coefficients(c0 - b * mean_error, x.dtype), dx)
     shape = cache.mean.shape
-    dgamma, dbeta = dgamma.reshape(shape).astype(x.dtype), dbeta.reshape(shape).astype(x.dtype)
-    if ops.device == "cuda":
-        dgamma, dbeta = ops.cuda.to_device(dgamma), ops.cuda.to_device(dbeta)
-    return dx, dgamma, dbeta
+    return dx, ops.from_host(dgamma.reshape(shape), x.dtype), \
+        ops.from_host(dbeta.reshape(shape), x.dtype)

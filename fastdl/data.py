@@ -1,6 +1,6 @@
 """Data handling for training, as the notes teach it: seeded shuffling into mini-batches (the
 last, smaller batch kept), a train / dev / test split, and input normalization fitted on the
-training split only.
+training split only; :func:`load_digits` gives scikit-learn's digits prepared that way.
 
 ``axis`` is the examples axis of ``X``: 0 for batch-first (m, n_x), 1 for the notes'
 (n_x, m). Labels ``Y`` of rank 1 are indexed along their only axis, others along ``axis``.
@@ -8,24 +8,7 @@ training split only.
 
 import numpy as np
 
-from . import _checks
-
-
-def _check_pair(X, Y, axis):
-    if not isinstance(X, np.ndarray):
-        raise TypeError(f"X must be a NumPy array; got {_checks.describe(X)}")
-    if axis not in (0, 1) or X.ndim < axis + 1:
-        raise ValueError(f"axis (the examples axis) must be 0 or 1 and exist in X of shape "
-                         f"{X.shape}; got {axis!r}")
-    m = X.shape[axis]
-    if Y is not None:
-        if not isinstance(Y, np.ndarray):
-            raise TypeError(f"Y must be a NumPy array or None; got {_checks.describe(Y)}")
-        y_axis = 0 if Y.ndim == 1 else axis
-        if Y.shape[y_axis] != m:
-            raise ValueError(f"Y must have X's {m} examples along axis {y_axis}; got shape "
-                             f"{Y.shape}")
-    return m
+from . import _validate
 
 
 def _take(a, index, axis):
@@ -36,10 +19,8 @@ def minibatches(X, Y=None, batch_size=64, seed=None, axis=0, shuffle=True):
     """Yield ``(X_batch, Y_batch)`` covering every example once: a seeded permutation cut into
     batches of ``batch_size``, the last one smaller when m is not a multiple. Batches are
     C-contiguous copies (``Y_batch`` None without Y)."""
-    m = _check_pair(X, Y, axis)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-            or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+    m = _validate.examples(X, Y, axis)
+    batch_size = _validate.integer(batch_size, "batch_size", minimum=1)
     order = np.random.default_rng(seed).permutation(m) if shuffle else np.arange(m)
     for start in range(0, m, batch_size):
         index = order[start:start + batch_size]
@@ -50,7 +31,7 @@ def minibatches(X, Y=None, batch_size=64, seed=None, axis=0, shuffle=True):
 def train_dev_test_split(X, Y, fractions=(0.8, 0.1, 0.1), seed=0, axis=0):
     """Shuffle (seeded) and split into ``((X_train, Y_train), (X_dev, Y_dev), (X_test,
     Y_test))`` by ``fractions`` (summing to 1; the test part takes what rounding leaves)."""
-    m = _check_pair(X, Y, axis)
+    m = _validate.examples(X, Y, axis)
     fractions = np.asarray(fractions, np.float64)
     if fractions.shape != (3,) or np.any(fractions < 0) or not np.isclose(fractions.sum(), 1):
         raise ValueError(f"fractions must be three numbers >= 0 summing to 1; got "
@@ -72,7 +53,7 @@ class Standardizer:
         self.mean = self.std = None
 
     def fit(self, X):
-        _check_pair(X, None, self.axis)
+        _validate.examples(X, None, self.axis)
         self.mean = X.mean(axis=self.axis, keepdims=True)
         std = X.std(axis=self.axis, keepdims=True)
         self.std = np.where(std > self.eps, std, 1.0)
@@ -86,3 +67,22 @@ class Standardizer:
 
     def fit_transform(self, X, dtype=None):
         return self.fit(X).transform(X, dtype)
+
+
+def load_digits(seed=0, dtype=np.float32):
+    """scikit-learn's 8x8 handwritten digits (1797 images shipped with scikit-learn: no
+    download), split 70 / 15 / 15 with :func:`train_dev_test_split` (seeded) and standardized
+    with the training split's statistics (:class:`Standardizer`).
+
+    Returns ``((X_train, y_train), (X_dev, y_dev), (X_test, y_test))``: X (m, 64) of ``dtype``,
+    y (m,) int64 labels 0-9; m = 1258, 270, 269. Needs scikit-learn (the ``demo`` extra)::
+
+        (X_train, y_train), dev, test = fd.data.load_digits(seed=0)
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    splits = train_dev_test_split(digits.data, digits.target.astype(np.int64),
+                                  (0.7, 0.15, 0.15), seed=seed)
+    scaler = Standardizer().fit(splits[0][0])
+    return tuple((scaler.transform(X, dtype), y) for X, y in splits)

@@ -13,9 +13,9 @@ import math
 
 import numpy as np
 
-from . import _checks
-from ._arrays import c_contiguous, check_out, device_of
-from .device import require_cuda
+from . import _dispatch, _validate
+from ._dispatch import CudaOps, HostOps
+from .device import location
 
 UNIFORM_SCALE = 1 << 24  # u = (24 random bits) / 2**24
 MASK64 = (1 << 64) - 1
@@ -31,14 +31,6 @@ def seed_key(seed):
     return z & 0xFFFFFFFF, z >> 32
 
 
-def _drop_rates(p, n_models, population):
-    """p as float64 (K,) after checking it; K = 1 without a population."""
-    if type(p) is float and 0 <= p <= 1:  # the common case, checked cheaply
-        return np.full(n_models if population else 1, p)
-    return _checks.hyperparameter(p, "p", n_models if population else None,
-                                  _checks.closed_unit_interval)
-
-
 def _thresholds_and_scales(rates, dtype):
     """Integer thresholds ceil(p * 2**24) (u >= p exactly) and scales 1 / (1 - p) (0 at p=1)."""
     thresholds = np.array([math.ceil(p * UNIFORM_SCALE) for p in rates], np.int64)
@@ -49,50 +41,53 @@ def _thresholds_and_scales(rates, dtype):
 
 def _keys(seed, n_models, population, shape):
     """Generator keys per model (int64 (K,) low and high halves) and the model stride of the
-    element index: one seed keys the flat index of the whole array; K seeds (a population)
-    key model k's own index, so model k gets the mask a lone call with seed k would."""
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-        low, high = seed_key(int(seed))
+    element index, for a checked ``seed``: one seed (an int) keys the flat index of the whole
+    array; K seeds (a population's list) key model k's own index, so model k gets the mask a
+    lone call with seed k would."""
+    if isinstance(seed, int):
+        low, high = seed_key(seed)
         return (np.full(n_models, low, np.int64), np.full(n_models, high, np.int64),
                 math.prod(shape[1:]) if population else 0)
-    if population and not isinstance(seed, (str, bytes)) and np.ndim(seed) == 1:
-        seeds = np.asarray(seed)
-        if len(seeds) == n_models and seeds.dtype.kind in "iu":
-            keys = np.array([seed_key(int(s)) for s in seeds], np.int64).reshape(-1, 2)
-            return np.ascontiguousarray(keys[:, 0]), np.ascontiguousarray(keys[:, 1]), 0
-        raise ValueError(f"seed must be an int or {n_models} ints (one per model); got "
-                         f"{_checks.describe(seed)}")
-    raise TypeError(f"seed must be an int{' or one int per model' * population}; got "
-                    f"{_checks.describe(seed)}")
+    keys = np.array([seed_key(s) for s in seed], np.int64).reshape(-1, 2)
+    return np.ascontiguousarray(keys[:, 0]), np.ascontiguousarray(keys[:, 1]), 0
 
 
-def _check_x(x, name, population, device=None):
-    where = device_of(x)
-    if device is not None and where != device:
-        raise TypeError(f"{name} is on {where} but the mask is on {device}: all arrays of a "
-                        "call must live on one device")
-    if where == "cuda":
-        require_cuda()
-    elif not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy or GPU array; got {_checks.describe(x)}")
-    if x.dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"{name} must have dtype float32 or float64; got {x.dtype}")
-    if population and len(x.shape) < 1:
-        raise ValueError(f"{name} needs a leading model axis with population=True; got a "
-                         "0-d array")
-    if not c_contiguous(x):
-        raise ValueError(f"{name} must be C-contiguous (never copied)")
-    return where
+class _DropoutCpu(HostOps):
+    """The CPU kernels (``kernels/dropout.py``) on NumPy arrays: ``forward(x, n_models,
+    keys_low, keys_high, model_stride, thresholds, scales, y, mask)`` and ``backward(dy, mask,
+    n_models, scales, dx)`` are the kernel module's launchers themselves (host arrays need no
+    conversion)."""
+
+    def __init__(self):
+        from fastdl.kernels import dropout as kernels
+
+        self.forward, self.backward = kernels.forward, kernels.backward
 
 
-def _ops(device):
-    if device == "cuda":
-        from fastdl.kernels import dropout_cuda
+class _DropoutCuda(CudaOps):
+    """The CUDA kernels (``kernels/dropout_cuda.py``) on flat device arrays; the per-model
+    keys, thresholds and scales cross to the device each call (K values each)."""
 
-        return dropout_cuda
-    from fastdl.kernels import dropout
+    def __init__(self):
+        super().__init__()
+        from fastdl.kernels import dropout_cuda as kernels
 
-    return dropout
+        self.kernels = kernels
+
+    def forward(self, x, n_models, keys_low, keys_high, model_stride, thresholds, scales, y,
+                mask):
+        x = self.flat(x)
+        self.kernels.forward(x, self.from_host(keys_low), self.from_host(keys_high),
+                             model_stride, self.from_host(thresholds), self.from_host(scales),
+                             max(1, x.shape[0] // n_models), self.flat(y), self.flat(mask))
+
+    def backward(self, dy, mask, n_models, scales, dx):
+        dy = self.flat(dy)
+        self.kernels.backward(dy, self.flat(mask), self.from_host(scales),
+                              max(1, dy.shape[0] // n_models), self.flat(dx))
+
+
+_FAMILY = {"cpu": _DropoutCpu, "cuda": _DropoutCuda}
 
 
 def dropout_forward(x, p, seed, population=False, out=None, mask_out=None):
@@ -106,20 +101,19 @@ def dropout_forward(x, p, seed, population=False, out=None, mask_out=None):
     shape, on x's device. ``out`` / ``mask_out``: where to write y / the mask (training loops
     reuse buffers).
     """
-    device = _check_x(x, "x", population)
+    population = _validate.population_flag(population)
+    device = _validate.float_array(x, "x", population, ranks=(0, None))
     n_models = x.shape[0] if population else 1
-    rates = _drop_rates(p, n_models, population)
+    rates = _validate.hyperparameter(p, "p", n_models if population else None,
+                                     _validate.closed_unit_interval)
+    seed = _validate.seed(seed, "seed", n_models if population else None)
+    _validate.check_out(out, "out", x, device)
+    _validate.check_out(mask_out, "mask_out", x, device, dtype=np.bool_)
     keys_low, keys_high, model_stride = _keys(seed, n_models, population, x.shape)
-    check_out(out, "out", x, device)
-    if mask_out is not None:
-        if device_of(mask_out) != device or mask_out.dtype != np.bool_ or \
-                tuple(mask_out.shape) != tuple(x.shape) or not c_contiguous(mask_out):
-            raise ValueError(f"mask_out must be a C-contiguous bool array of x's shape "
-                             f"{tuple(x.shape)} on {device}; got {_checks.describe(mask_out)}")
     thresholds, scales = _thresholds_and_scales(rates, x.dtype)
-    ops = _ops(device)
+    ops = _dispatch.shared(_FAMILY, device)
     y = ops.empty_like(x) if out is None else out
-    mask = ops.empty_mask(x.shape) if mask_out is None else mask_out
+    mask = ops.empty(x.shape, np.bool_) if mask_out is None else mask_out
     ops.forward(x, n_models, keys_low, keys_high, model_stride, thresholds, scales, y, mask)
     return y, mask
 
@@ -131,19 +125,16 @@ def dropout_backward(dy, mask, p, out=None):
     array means a population of K models along dy's leading axis). ``out``: where to write dx
     (may be dy itself).
     """
-    device = _check_x(dy, "dy", False, device_of(mask))
-    if getattr(mask, "dtype", None) != np.bool_ or tuple(mask.shape) != tuple(dy.shape):
-        raise ValueError(f"mask must be the forward's bool mask of dy's shape "
-                         f"{tuple(dy.shape)}; got {_checks.describe(mask)}")
-    population = np.ndim(p) == 1
-    if population and (len(dy.shape) < 1 or dy.shape[0] != len(p)):
-        raise ValueError(f"p has {len(p)} rates (a population) but dy has shape "
-                         f"{tuple(dy.shape)}: its leading axis must be the {len(p)} models")
+    device = _validate.float_array(dy, "dy", ranks=(0, None), device=location(mask),
+                                   other="the mask is")
+    _validate.bool_mask(mask, "mask", dy, "dy")
+    population = _validate.population_of(p, "p", dy, "dy")
     n_models = dy.shape[0] if population else 1
-    rates = _drop_rates(p, n_models, population)
-    check_out(out, "out", dy, device, like_name="dy")
+    rates = _validate.hyperparameter(p, "p", n_models if population else None,
+                                     _validate.closed_unit_interval)
+    _validate.check_out(out, "out", dy, device, like_name="dy")
     _, scales = _thresholds_and_scales(rates, dy.dtype)
-    ops = _ops(device)
+    ops = _dispatch.shared(_FAMILY, device)
     dx = ops.empty_like(dy) if out is None else out
     ops.backward(dy, mask, n_models, scales, dx)
     return dx

@@ -9,7 +9,7 @@ fixed), on the CPU.
 
 import numpy as np
 
-from . import _checks
+from . import _validate
 from .device import to_host
 
 
@@ -17,7 +17,8 @@ def numerical_gradient(f, x, eps=1e-6):
     """d f() / d x by central differences ``(f(x + eps) - f(x - eps)) / (2 eps)``, one element
     at a time; ``x`` (a NumPy array) is perturbed in place and restored."""
     if not isinstance(x, np.ndarray):
-        raise TypeError(f"x must be a NumPy array; got {_checks.describe(x)}")
+        raise TypeError(f"x must be a NumPy array; got {_validate.describe(x)}")
+    eps = _validate.number(eps, "eps", _validate.positive)
     grad = np.empty(x.shape, np.float64)
     flat, out = x.reshape(-1), grad.reshape(-1)
     if not np.shares_memory(flat, x):

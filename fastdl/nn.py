@@ -11,9 +11,9 @@ import math
 
 import numpy as np
 
-from . import _checks, _dense
+from . import _dense, _dispatch, _validate
 from .batchnorm import batch_norm_backward, batch_norm_forward
-from .device import get_device, is_device_array, location, threads_beside_blas, to_host
+from .device import is_device_array, location, threads_beside_blas, to_host
 from .dropout import dropout_backward, dropout_forward
 from .softmax import softmax_cross_entropy
 
@@ -54,39 +54,8 @@ class Layer:
         buffer = buffers.get(name)
         if (buffer is None or tuple(buffer.shape) != tuple(shape) or buffer.dtype != dtype
                 or is_device_array(buffer) != is_device_array(like)):
-            buffer = buffers[name] = _dense.empty(tuple(shape), dtype, like)
+            buffer = buffers[name] = _dispatch.arrays(location(like)).empty(tuple(shape), dtype)
         return buffer
-
-
-def _check_layer_input(x, name, rank, dtype, device, shape_check=None):
-    if location(x) != device:
-        raise TypeError(f"{name} is on {location(x)} but the layer's parameters are on "
-                        f"{device}: move it with fd.to_device / fd.to_host")
-    if device == "cpu" and not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy array; got {_checks.describe(x)}")
-    if x.dtype != dtype:
-        raise TypeError(f"{name} must have the layer's dtype {dtype}; got {x.dtype}")
-    if len(x.shape) != rank:
-        raise ValueError(f"{name} must have rank {rank}; got shape {tuple(x.shape)}")
-    if shape_check is not None:
-        shape_check(tuple(x.shape))
-
-
-def _check_count(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int; got {_checks.describe(value)}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1; got {value}")
-    return int(value)
-
-
-def _check_population(population):
-    if population is not None and (isinstance(population, bool)
-                                   or not isinstance(population, (int, np.integer))
-                                   or population < 1):
-        raise ValueError(f"population must be None or a number of models >= 1; got "
-                         f"{population!r}")
-    return None if population is None else int(population)
 
 
 def _model_seeds(seed, population):
@@ -94,24 +63,10 @@ def _model_seeds(seed, population):
     seeds as given, or seed, seed + 1, ... (model k then equals a lone layer of seed k's)."""
     if seed is None:
         seed = int(np.random.default_rng().integers(2**32))
-    if population is None:
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise TypeError(f"seed must be an int or None; got {_checks.describe(seed)}")
-        return int(seed)
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-        return [int(seed) + k for k in range(population)]
-    seeds = [int(s) for s in seed]
-    if len(seeds) != population:
-        raise ValueError(f"seed must be an int or {population} ints (one per model); got "
-                         f"{len(seeds)}")
-    return seeds
-
-
-def _check_device(device):
-    device = get_device() if device is None else device
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be None, 'cpu' or 'cuda'; got {device!r}")
-    return device
+    seed = _validate.seed(seed, "seed", population)
+    if population is not None and isinstance(seed, int):
+        return [seed + k for k in range(population)]
+    return seed
 
 
 class Linear(Layer):
@@ -136,46 +91,31 @@ class Linear(Layer):
 
     def __init__(self, n_in, n_out, bias=True, init="he", feature_axis=-1, dtype=np.float32,
                  seed=None, device=None, population=None):
-        self.n_in, self.n_out = _check_count(n_in, "n_in"), _check_count(n_out, "n_out")
-        if init not in ("he", "xavier"):
-            raise ValueError(f"init must be 'he' or 'xavier'; got {init!r}")
-        if feature_axis not in (-1, 0, 1):
-            raise ValueError(f"feature_axis must be -1 (batch-first) or 0 (the notes' "
-                             f"(features, examples)); got {feature_axis!r}")
+        self.n_in = _validate.integer(n_in, "n_in", minimum=1)
+        self.n_out = _validate.integer(n_out, "n_out", minimum=1)
+        self.init = _validate.option(init, "init", ("he", "xavier"))
+        # -1: batch-first (1 taken as its synonym); 0: the notes' (features, examples)
+        feature_axis = _validate.option(feature_axis, "feature_axis", (-1, 0, 1))
         self.feature_axis = -1 if feature_axis == 1 else feature_axis
-        self.dtype = _checks.float_dtype(dtype, "dtype")
-        self.device = _check_device(device)
-        self.population = population = _check_population(population)
+        self.dtype = _validate.float_dtype(dtype, "dtype")
+        self.device = _validate.layer_device(device)
+        self.population = population = _validate.model_count(population)
+        self._ops = _dense.ops(self.device)
+        arrays = _dispatch.arrays(self.device)
         scale = math.sqrt((2.0 if init == "he" else 1.0) / self.n_in)
         seeds = _model_seeds(seed, population)
         draw = [np.random.default_rng(s).standard_normal((self.n_out, self.n_in)) * scale
                 for s in ([seeds] if population is None else seeds)]
         weights = draw[0] if population is None else np.stack(draw)
         lead = () if population is None else (population,)
-        self.W = _dense.to_device_copy(weights.astype(self.dtype), self.device)
-        self.dW = _dense.zeros(lead + (self.n_out, self.n_in), self.dtype, self.device)
+        self.W = arrays.copy_of(weights, self.dtype)
+        self.dW = arrays.zeros(lead + (self.n_out, self.n_in), self.dtype)
         self.param_names, self.grad_names = ("W",), ("dW",)
         if bias:
-            self.b = _dense.zeros(lead + (self.n_out,), self.dtype, self.device)
-            self.db = _dense.zeros(lead + (self.n_out,), self.dtype, self.device)
+            self.b = arrays.zeros(lead + (self.n_out,), self.dtype)
+            self.db = arrays.zeros(lead + (self.n_out,), self.dtype)
             self.param_names, self.grad_names = ("W", "b"), ("dW", "db")
-        self.init = init
         self._x = None
-
-    def _check_x(self, x):
-        shape = tuple(x.shape)  # a tuple: the simulator's shapes take no negative index
-        shared = len(shape) == 2
-        if self.population is None and not shared:
-            raise ValueError(f"x must have rank 2; got shape {tuple(x.shape)}")
-        if not shared and (len(x.shape) != 3 or x.shape[0] != self.population):
-            raise ValueError(f"x must be the models' shared batch (rank 2) or have shape "
-                             f"({self.population}, ., .) (one batch per model); got shape "
-                             f"{tuple(x.shape)}")
-        _check_layer_input(x, "x", len(x.shape), self.dtype, self.device)
-        if shape[self.feature_axis] != self.n_in:
-            axis = self.feature_axis if shared or self.feature_axis == -1 else 1
-            raise ValueError(f"x must have {self.n_in} features along axis {axis}; got shape "
-                             f"{shape}")
 
     def _out_shape(self, x):
         shape = tuple(x.shape)
@@ -184,14 +124,19 @@ class Linear(Layer):
         return per_model if self.population is None else (self.population,) + per_model
 
     def forward(self, x):
-        self._check_x(x)
+        _validate.layer_input(x, "x", 2, self.dtype, self.device, models=self.population)
+        shape = tuple(x.shape)  # a tuple: the simulator's shapes take no negative index
+        if shape[self.feature_axis] != self.n_in:
+            axis = self.feature_axis if len(shape) == 2 or self.feature_axis == -1 else 1
+            raise ValueError(f"x must have {self.n_in} features along axis {axis}; got shape "
+                             f"{shape}")
         y = self._out("y", self._out_shape(x), self.dtype, x)
         if self.feature_axis == 0:
-            _dense.matmul(self.W, x, y)
+            self._ops.matmul(self.W, x, y)
         else:
-            _dense.matmul(x, self.W, y, transpose_b=True)
+            self._ops.matmul(x, self.W, y, transpose_b=True)
         if "b" in self.param_names:
-            _dense.add_bias(y, self.b, self.feature_axis)
+            self._ops.add_bias(y, self.b, self.feature_axis)
         self._x = x
         return y
 
@@ -203,22 +148,22 @@ class Linear(Layer):
             raise ValueError("backward needs a forward first")
         x = self._x
         expected = self._out_shape(x)
-        _check_layer_input(dout, "dout", len(expected), self.dtype, self.device,
-                           lambda shape: _expect_shape(shape, expected, "dout"))
+        _validate.layer_input(dout, "dout", len(expected), self.dtype, self.device,
+                              expected_shape=expected)
         if self.feature_axis == 0:
-            _dense.matmul(dout, x, self.dW, transpose_b=True)
+            self._ops.matmul(dout, x, self.dW, transpose_b=True)
         else:
-            _dense.matmul(dout, x, self.dW, transpose_a=True)
+            self._ops.matmul(dout, x, self.dW, transpose_a=True)
         if "b" in self.param_names:
-            _dense.bias_grad(dout, self.feature_axis, self.db)
+            self._ops.bias_grad(dout, self.feature_axis, self.db)
         if not input_grad:
             return None
         lead = () if self.population is None else (self.population,)
         dx = self._out("dx", lead + tuple(x.shape)[-2:], self.dtype, x)
         if self.feature_axis == 0:
-            _dense.matmul(self.W, dout, dx, transpose_a=True)
+            self._ops.matmul(self.W, dout, dx, transpose_a=True)
         else:
-            _dense.matmul(dout, self.W, dx)
+            self._ops.matmul(dout, self.W, dx)
         return dx
 
     def __repr__(self):
@@ -227,25 +172,18 @@ class Linear(Layer):
                 f"init={self.init!r}, feature_axis={self.feature_axis}{population})")
 
 
-def _expect_shape(shape, expected, name):
-    if shape != tuple(expected):
-        raise ValueError(f"{name} must have shape {tuple(expected)}; got {shape}")
-
-
 class _Activation(Layer):
     kind = None
 
     def __init__(self, population=None):
         # elementwise: a population's leading K axis needs nothing; taken for a uniform API
-        self.population = _check_population(population)
+        self.population = _validate.model_count(population)
 
     def forward(self, x):
-        if location(x) == "cpu" and not isinstance(x, np.ndarray):
-            raise TypeError(f"x must be a NumPy or GPU array; got {_checks.describe(x)}")
-        if x.dtype not in _checks.FLOAT_DTYPES:
-            raise TypeError(f"x must have dtype float32 or float64; got {x.dtype}")
+        # elementwise: any rank and, on the host, any layout
+        self._ops = _dense.ops(_validate.float_array(x, "x", ranks=(0, None), contiguous=False))
         y = self._out("y", x.shape, x.dtype, x)
-        _dense.activation(self.kind, x, y)
+        self._ops.activation(self.kind, x, y)
         self._saved = x if self.kind == "relu" else y
         return y
 
@@ -253,10 +191,10 @@ class _Activation(Layer):
         saved = self.__dict__.get("_saved")
         if saved is None:
             raise ValueError("backward needs a forward first")
-        _check_layer_input(dout, "dout", len(saved.shape), saved.dtype, location(saved),
-                           lambda shape: _expect_shape(shape, saved.shape, "dout"))
+        _validate.layer_input(dout, "dout", len(saved.shape), saved.dtype, self._ops.device,
+                              expected_shape=saved.shape)
         dx = self._out("dx", saved.shape, saved.dtype, saved)
-        return _dense.activation_backward(self.kind, dout, saved, dx)
+        return self._ops.activation_backward(self.kind, dout, saved, dx)
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -282,8 +220,9 @@ class BatchNorm(Layer):
     ``gamma`` (ones) and ``beta`` (zeros) are learned; running statistics (mean 0, variance 1)
     are tracked in training and used in ``eval()`` mode. ``population=K`` keeps K models'
     parameters and statistics, shape (K, num_features), for inputs with a leading K axis.
-    ``storage`` / ``grad_storage``: two host arrays each (gamma, beta) to hold the parameters
-    and their gradients, e.g. views of a container's flat buffer; they are filled here.
+    ``storage`` / ``grad_storage``: two arrays each (gamma, beta) on the layer's device to hold
+    the parameters and their gradients, e.g. views of a container's flat buffer; they are
+    filled here.
     ``device`` defaults to the selected one.
     """
 
@@ -292,30 +231,35 @@ class BatchNorm(Layer):
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5, channel_axis=1, dtype=np.float32,
                  population=None, storage=None, grad_storage=None, device=None):
-        num_features = _check_count(num_features, "num_features")
-        self.dtype = _checks.float_dtype(dtype, "dtype")
-        self.population = population = _check_population(population)
-        self.device = _check_device(device)
+        num_features = _validate.integer(num_features, "num_features", minimum=1)
+        self.dtype = _validate.float_dtype(dtype, "dtype")
+        self.population = population = _validate.model_count(population)
+        self.device = _validate.layer_device(device)
+        self.momentum = _validate.number(momentum, "momentum", _validate.closed_unit_interval)
+        self.eps = _validate.number(eps, "eps", _validate.positive)
+        self.channel_axis = channel_axis  # checked against the input's rank in forward
         shape = (num_features,) if population is None else (population, num_features)
-        self.gamma, self.beta = self._buffers(storage, shape, "storage", (1.0, 0.0))
-        self.dgamma, self.dbeta = self._buffers(grad_storage, shape, "grad_storage", (0.0, 0.0))
-        self.running_mean = _dense.zeros(shape, self.dtype, self.device)
-        self.running_var = _dense.to_device_copy(np.ones(shape, self.dtype), self.device)
-        self.momentum, self.eps, self.channel_axis = momentum, eps, channel_axis
+        self.gamma, self.beta = self._filled(storage, shape, "storage", (1.0, 0.0))
+        self.dgamma, self.dbeta = self._filled(grad_storage, shape, "grad_storage", (0.0, 0.0))
+        arrays = _dispatch.arrays(self.device)
+        self.running_mean = arrays.zeros(shape, self.dtype)
+        self.running_var = arrays.full(shape, 1, self.dtype)
         self._cache = None
 
-    def _buffers(self, given, shape, name, values):
+    def _filled(self, given, shape, name, values):
+        """(gamma, beta) or their gradients: ``given`` arrays, or new ones, filled with
+        ``values``."""
+        arrays = _dispatch.arrays(self.device)
         if given is None:
-            return [_dense.to_device_copy(np.full(shape, v, self.dtype), self.device)
-                    for v in values]
+            return [arrays.full(shape, v, self.dtype) for v in values]
         given = list(given)
         if len(given) != 2:
             raise ValueError(f"{name} must hold two arrays (gamma, beta); got {len(given)}")
         for i, a in enumerate(given):
-            if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != self.dtype:
-                raise ValueError(f"{name}[{i}] must be an array of shape {shape} and dtype "
-                                 f"{self.dtype}; got {_checks.describe(a)}")
-            a[...] = values[i]
+            _validate.per_model_array(a, f"{name}[{i}]", shape, self.dtype, self.device,
+                                      writable=True, other="the layer")
+        for a, v in zip(given, values):
+            arrays.write(a, np.full(shape, v, self.dtype))
         return given
 
     def forward(self, x):
@@ -334,8 +278,9 @@ class BatchNorm(Layer):
         dx, dgamma, dbeta = batch_norm_backward(dout, self._cache,
                                                 out=self._out("dx", dout.shape, dout.dtype,
                                                               dout))
-        _dense.assign(self.dgamma, dgamma)
-        _dense.assign(self.dbeta, dbeta)
+        arrays = _dispatch.arrays(self.device)
+        arrays.write(self.dgamma, dgamma)
+        arrays.write(self.dbeta, dbeta)
         return dx
 
     def __repr__(self):
@@ -354,8 +299,8 @@ class Dropout(Layer):
     """
 
     def __init__(self, p=0.5, seed=None, population=None):
-        population = _check_population(population)
-        rates = _checks.hyperparameter(p, "p", population, _checks.closed_unit_interval)
+        population = _validate.model_count(population)
+        rates = _validate.hyperparameter(p, "p", population, _validate.closed_unit_interval)
         self.p = float(rates[0]) if population is None else rates  # (K,): one rate per model
         self.seed = _model_seeds(seed, population)
         self.population, self.calls = population, 0
@@ -402,6 +347,7 @@ class SoftmaxCrossEntropy(Layer):
 
     def __init__(self, axis=-1, reduction="mean", label_smoothing=0.0, ignore_index=-100,
                  population=None):
+        population = _validate.model_count(population)
         self.options = dict(axis=axis, reduction=reduction, label_smoothing=label_smoothing,
                             ignore_index=ignore_index, population=population is not None)
         self._grad = None
@@ -418,12 +364,11 @@ class SoftmaxCrossEntropy(Layer):
         """dloss/dlogits times ``dout`` (a scalar: the loss is the end of the network)."""
         if self._grad is None:
             raise ValueError("backward needs a forward first")
-        if not _checks.is_real_scalar(dout):
-            raise TypeError(f"dout must be a number; got {_checks.describe(dout)}")
+        dout = _validate.number(dout, "dout")
         if dout != self._scale:  # the gradient is scaled in place, relative to what it holds
             if self._scale == 0:
                 raise ValueError("the gradient was scaled by 0: call forward again")
-            _dense.scale(self._grad, dout / self._scale)
+            _dense.ops(location(self._grad)).scale(self._grad, dout / self._scale)
             self._scale = dout
         return self._grad
 
@@ -454,7 +399,7 @@ class Sequential(Layer):
         for i, layer in enumerate(layers):
             if not isinstance(layer, Layer):
                 raise TypeError(f"layers[{i}] must be a fastdl.nn layer; got "
-                                f"{_checks.describe(layer)}")
+                                f"{_validate.describe(layer)}")
         self.layers = list(layers)
         slots = [(layer, name, grad, name in layer.decay_names) for layer in layers
                  for name, grad in zip(layer.param_names, layer.grad_names)]
@@ -472,12 +417,13 @@ class Sequential(Layer):
         dtype, device = dtypes.pop(), devices.pop()
         sizes = [math.prod(a.shape) for a in arrays]
         offsets = np.cumsum([0] + sizes)
-        self.flat_params = _dense.zeros(int(offsets[-1]), dtype, device)
-        self.flat_grads = _dense.zeros(int(offsets[-1]), dtype, device)
+        allocate = _dispatch.arrays(device)
+        self.flat_params = allocate.zeros(int(offsets[-1]), dtype)
+        self.flat_grads = allocate.zeros(int(offsets[-1]), dtype)
         for i, (layer, name, grad, _) in enumerate(slots):
             shape = tuple(arrays[i].shape)
             view = self.flat_params[offsets[i]:offsets[i + 1]].reshape(shape)
-            _dense.assign(view, arrays[i])
+            allocate.write(view, arrays[i])
             setattr(layer, name, view)
             setattr(layer, grad, self.flat_grads[offsets[i]:offsets[i + 1]].reshape(shape))
 
@@ -540,9 +486,10 @@ class EarlyStopping:
 
     def __init__(self, model, patience=5, min_delta=0.0):
         if not isinstance(model, Layer):
-            raise TypeError(f"model must be a fastdl.nn layer; got {_checks.describe(model)}")
-        self.model, self.min_delta = model, float(min_delta)
-        self.patience = _check_count(patience, "patience")
+            raise TypeError(f"model must be a fastdl.nn layer; got {_validate.describe(model)}")
+        self.model = model
+        self.min_delta = _validate.number(min_delta, "min_delta", _validate.finite)
+        self.patience = _validate.integer(patience, "patience", minimum=1)
         self.best_loss, self.best_epoch, self.epoch = math.inf, None, -1
         self.best_params = None
 
@@ -561,4 +508,4 @@ class EarlyStopping:
         if self.best_params is None:
             raise ValueError("restore needs at least one step with a finite dev loss")
         for p, best in zip(self.model.params(), self.best_params):
-            _dense.assign(p, best)
+            _dispatch.arrays(location(p)).write(p, best)

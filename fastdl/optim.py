@@ -26,15 +26,15 @@ Example::
 """
 
 import math
-import operator
 from typing import NamedTuple
 
 import numpy as np
 
-from . import _checks
-from ._arrays import c_contiguous
-from ._backends import CpuBackend, CudaBackend
-from .device import get_device, is_device_array, require_cuda, to_host
+from . import _dispatch, _validate
+from ._optim_ops import OptimCpu, OptimCuda
+from .device import get_device, is_device_array, to_host
+
+_OPS = {"cpu": OptimCpu, "cuda": OptimCuda}
 
 
 class StepInfo(NamedTuple):
@@ -51,41 +51,24 @@ def flat_params(shapes, dtype=np.float32):
     An optimizer over such params updates them with one kernel launch per step. The buffer is
     allocated on the selected device (:func:`fastdl.get_device`).
     """
-    dtype = _checks.float_dtype(dtype, "dtype")
-    shapes = [_shape(s, f"shapes[{i}]") for i, s in enumerate(shapes)]
+    dtype = _validate.float_dtype(dtype, "dtype")
+    shapes = [_validate.shape(s, f"shapes[{i}]") for i, s in enumerate(shapes)]
     sizes = [math.prod(s) for s in shapes]
-    if get_device() == "cuda":
-        cuda = require_cuda()
-        buffer = cuda.to_device(np.zeros(sum(sizes), dtype))
-    else:
-        buffer = np.empty(sum(sizes), dtype)
-        buffer.fill(0)  # written now: no lazily mapped small pages (see _backends.CpuBackend.zeros)
+    buffer = _dispatch.arrays(get_device()).zeros(sum(sizes), dtype)
     offsets = np.cumsum([0] + sizes)
     return [buffer[offsets[i]:offsets[i + 1]].reshape(s) for i, s in enumerate(shapes)]
 
 
-def _shape(shape, argument):
-    if isinstance(shape, (int, np.integer)):
-        shape = (shape,)
-    try:
-        shape = tuple(operator.index(n) for n in shape)
-    except TypeError:
-        raise TypeError(f"{argument} must be a tuple of ints; got {shape!r}") from None
-    if any(n < 0 for n in shape):
-        raise ValueError(f"{argument} must not have negative sizes; got {shape}")
-    return shape
-
-
-# Allowed values of each hyperparameter: a check from _checks, or "flag" for booleans.
+# Allowed values of each hyperparameter: a check from _validate, or "flag" for booleans.
 _RULES = {
-    "lr": _checks.nonnegative,
-    "weight_decay": _checks.nonnegative,
-    "eps": _checks.nonnegative,
-    "momentum": _checks.nonnegative,
-    "dampening": _checks.finite,
-    "beta": _checks.unit_interval,
-    "alpha": _checks.unit_interval,
-    "betas": _checks.unit_interval,
+    "lr": _validate.nonnegative,
+    "weight_decay": _validate.nonnegative,
+    "eps": _validate.nonnegative,
+    "momentum": _validate.nonnegative,
+    "dampening": _validate.finite,
+    "beta": _validate.unit_interval,
+    "alpha": _validate.unit_interval,
+    "betas": _validate.unit_interval,
     "nesterov": "flag",
     "amsgrad": "flag",
     "centered": "flag",
@@ -94,20 +77,20 @@ _RULES = {
 
 
 class _Optimizer:
-    """The machinery shared by every optimizer; subclasses name their hyperparameters, state
-    and kernels."""
+    """The machinery shared by every optimizer; subclasses name their hyperparameters and
+    kernels (``_algorithm``: the entry of ``kernels.optim.ALGORITHMS``)."""
 
-    _defaults = {}  # group keys and their defaults, in the kernel's column order
-    _kernel_name = ""  # kernels.optim.<name>_coefficients / <name>_update
+    _defaults = {}  # group keys and their defaults, in the order of the hyperparameter table
+    _algorithm = ""
+    _decoupled = False  # AdamW's weight decay
 
     def __init__(self, params, defaults, *, grad_scale=None, skip_nonfinite=False,
                  max_grad_norm=None, ema_decay=None, population=False):
-        if not isinstance(population, (bool, np.bool_)):
-            raise TypeError(f"population must be a bool; got {_checks.describe(population)}")
-        groups = self._parse_groups(params, defaults)
+        population = _validate.population_flag(population)
+        groups = _validate.param_groups(params, defaults, type(self).__name__)
         flat = [p for group in groups for p in group["params"]]
-        self._check_params(flat, bool(population))
-        self.population = bool(population)
+        self.device = _validate.optimizer_params(flat, population)
+        self.population = population
         self.n_models = int(flat[0].shape[0]) if population else 1
         self._k = self.n_models if population else None  # K for hyperparameter checks
         self.dtype = np.dtype(flat[0].dtype)
@@ -122,26 +105,20 @@ class _Optimizer:
         from fastdl.kernels import optim as kernels  # compiles nothing yet
 
         self._kernels = kernels
-        n_columns = sum(2 if key == "betas" else 1 for key in self._defaults)
-        self._hyper = np.zeros((len(groups), self.n_models, n_columns))
-        self._seen = [dict() for _ in groups]
-        self._refresh_hyper()
-
+        self._layout = kernels.ALGORITHMS[self._algorithm]
         tensor_groups = [g for g, indices in enumerate(self._group_indices) for _ in indices]
-        backend = CudaBackend if self.device == "cuda" else CpuBackend
-        self._backend = backend(flat, tensor_groups, self.n_models, self._kernel_name)
-        self._params = self._backend.params  # numba views of __cuda_array_interface__ objects
-        self._shapes, self._sizes = self._backend.shapes, self._backend.sizes
+        self._ops = _dispatch.select(_OPS, self.device, flat, tensor_groups, self.n_models,
+                                     self._algorithm)
+        self._params = self._ops.params  # numba views of __cuda_array_interface__ objects
+        self._shapes, self._sizes = self._ops.shapes, self._ops.sizes
 
-        # Per-model options (kernels.optim's model table), step counts, step results.
-        self._model = np.zeros((self.n_models, kernels.MODEL_COLUMNS))
+        # Per-model options (kernels.optim.MODEL), step counts, step results, coefficients.
+        self._model = np.zeros((self.n_models, len(kernels.MODEL)))
         self._steps = np.zeros(self.n_models, np.int64)
         self._active = np.ones(self.n_models, np.bool_)
         self._sumsq = np.zeros(self.n_models)
         self._nonfinite = np.zeros(self.n_models, np.bool_)
-        n_coef = getattr(kernels, self._kernel_name.upper() + "_COLUMNS")
-        self._coef = np.zeros((len(groups) * self.n_models, n_coef), self.dtype)
-        self._coefficients = getattr(kernels, self._kernel_name + "_coefficients")
+        self._coef = np.zeros((len(groups) * self.n_models, len(self._layout.coef)), self.dtype)
         self._state = {}
         self._state_args = None  # the update kernel's state arguments, once allocated
         self.grad_scale = grad_scale
@@ -149,83 +126,22 @@ class _Optimizer:
         self.skip_nonfinite = skip_nonfinite
         self._set_ema_decay(ema_decay)
 
+        # Hyperparameters as float64 (groups, K, columns of kernels.optim's *_HYPER table):
+        # refreshed from param_groups each step, re-validating only what changed (group values
+        # are user-settable, as in torch).
+        self._hyper = np.zeros((len(groups), self.n_models, len(self._layout.hyper)))
+        self._seen = [dict() for _ in groups]
+        self._refresh_hyper()
+
     # -- construction ----------------------------------------------------------------------
-
-    def _parse_groups(self, params, defaults):
-        if isinstance(params, np.ndarray) or is_device_array(params):
-            raise TypeError("params must be a list of arrays or of parameter groups (dicts); "
-                            f"got a single {_checks.describe(params)}")
-        if isinstance(params, dict):
-            params = [params]
-        try:
-            params = list(params)
-        except TypeError:
-            raise TypeError("params must be a list of arrays or of parameter groups; got "
-                            f"{_checks.describe(params)}") from None
-        if not params:
-            raise ValueError("params is empty: the optimizer needs at least one array")
-        if not isinstance(params[0], dict):
-            params = [{"params": params}]
-        groups = []
-        for i, group in enumerate(params):
-            if not isinstance(group, dict):
-                raise TypeError(f"params[{i}] must be a parameter group (dict) like params[0]; "
-                                f"got {_checks.describe(group)}")
-            unknown = set(group) - set(defaults) - {"params"}
-            if unknown:
-                raise ValueError(f"param_groups[{i}] has unknown option(s) {sorted(unknown)}; "
-                                 f"{type(self).__name__} takes {sorted(defaults)}")
-            if "params" not in group:
-                raise ValueError(f"param_groups[{i}] has no 'params'")
-            arrays = group["params"]
-            arrays = [arrays] if isinstance(arrays, np.ndarray) else list(arrays)
-            if not arrays:
-                raise ValueError(f"param_groups[{i}]['params'] is empty")
-            groups.append({"params": arrays, **defaults,
-                           **{k: v for k, v in group.items() if k != "params"}})
-        return groups
-
-    def _check_params(self, params, population):
-        """Check the params; sets ``self.device`` from where they live."""
-        first = params[0]
-        self.device = "cuda" if is_device_array(first) else "cpu"
-        if self.device == "cuda":
-            require_cuda()
-        seen = set()
-        for j, p in enumerate(params):
-            on_gpu = is_device_array(p)
-            if on_gpu != (self.device == "cuda"):
-                where = "a GPU array" if on_gpu else f"a {type(p).__name__} on the host"
-                raise TypeError(f"params[{j}] is {where} but params[0] is on {self.device}: all "
-                                "params must live on one device")
-            if not on_gpu and not isinstance(p, np.ndarray):
-                raise TypeError(f"params[{j}] must be a NumPy array or a GPU array; got "
-                                f"{_checks.describe(p)}")
-            if p.dtype not in _checks.FLOAT_DTYPES:
-                raise TypeError(f"params[{j}] must have dtype float32 or float64; got {p.dtype}")
-            if p.dtype != first.dtype:
-                raise TypeError(f"params[{j}] has dtype {p.dtype} but params[0] has "
-                                f"{first.dtype}: all params must share one dtype")
-            if not c_contiguous(p):
-                raise ValueError(f"params[{j}] must be C-contiguous (updated in place, never "
-                                 "copied); allocate it with np.ascontiguousarray or flat_params")
-            if not on_gpu and not p.flags.writeable:
-                raise ValueError(f"params[{j}] is read-only; the optimizer updates it in place")
-            if id(p) in seen:
-                raise ValueError(f"params[{j}] appears more than once in params")
-            seen.add(id(p))
-            shape, first_shape = tuple(p.shape), tuple(first.shape)
-            if population and (not shape or not first_shape or shape[0] != first_shape[0]):
-                raise ValueError(f"with population=True every param has a leading axis of K "
-                                 f"models; params[{j}] has shape {shape}, params[0] "
-                                 f"{first_shape}")
 
     # -- hyperparameters ---------------------------------------------------------------------
 
     def _refresh_hyper(self):
         """Copy changed group hyperparameters into the float64 table, validating them.
 
-        Returns True when something changed (the state buffers needed may have too).
+        Returns True when something changed (the state buffers needed may have too); the
+        flag columns of the coefficient rows are rewritten then.
         """
         any_changed = False
         for g, (group, seen) in enumerate(zip(self.param_groups, self._seen)):
@@ -242,7 +158,27 @@ class _Optimizer:
             if changed:
                 self._check_group(g)
                 any_changed = True
+        if any_changed:
+            self._set_row_flags()
         return any_changed
+
+    def _set_row_flags(self):
+        """Write the flag columns of the coefficient rows (which state each row touches) and
+        tell the ops, whose CPU update is specialized on them."""
+        flags = self._row_flags()
+        row_flags = np.zeros((self._coef.shape[0], len(self._layout.flags)), bool)
+        for i, name in enumerate(self._layout.flags):
+            row_flags[:, i] = flags[name].reshape(-1)  # (groups, K) -> coefficient rows
+            self._coef[:, getattr(self._layout.coef, name)] = row_flags[:, i]
+        self._ops.set_row_flags(row_flags, self._ema is not None)
+
+    def _row_flags(self):
+        """{flag: (groups, K) bool} for each of the algorithm's flags (none by default)."""
+        return {}
+
+    def _hyper_values(self, key):
+        """The (groups, K) float64 values of hyperparameter column ``key``."""
+        return self._hyper[:, :, getattr(self._layout.hyper, key)]
 
     def _set_hyper(self, g, key, value):
         column = self._column(key)
@@ -251,23 +187,18 @@ class _Optimizer:
         if key == "betas":
             if not isinstance(value, (tuple, list)) or len(value) != 2:
                 raise ValueError(f"{name} must be a pair (beta1, beta2); got {value!r}")
-            columns = [_checks.hyperparameter(b, f"{name}[{i}]", self._k, rule)
+            columns = [_validate.hyperparameter(b, f"{name}[{i}]", self._k, rule)
                        for i, b in enumerate(value)]
             self._hyper[g, :, column] = columns[0]
             self._hyper[g, :, column + 1] = columns[1]
         elif rule == "flag":
-            self._hyper[g, :, column] = _checks.hyperparameter(value, name, self._k, None,
+            self._hyper[g, :, column] = _validate.hyperparameter(value, name, self._k, None,
                                                                flag=True)
         else:
-            self._hyper[g, :, column] = _checks.hyperparameter(value, name, self._k, rule)
+            self._hyper[g, :, column] = _validate.hyperparameter(value, name, self._k, rule)
 
     def _column(self, key):
-        column = 0
-        for k in self._defaults:
-            if k == key:
-                return column
-            column += 2 if k == "betas" else 1
-        raise KeyError(key)
+        return getattr(self._layout.hyper, "beta1" if key == "betas" else key)
 
     def _check_group(self, g):
         """Cross-checks between one group's hyperparameters (SGD: nesterov)."""
@@ -294,10 +225,15 @@ class _Optimizer:
 
     @grad_scale.setter
     def grad_scale(self, value):
-        scale = (np.ones(self.n_models) if value is None else
-                 _checks.hyperparameter(value, "grad_scale", self._k, _checks.positive))
-        self._model[:, self._kernels.INV_SCALE] = 1.0 / scale
+        scale = self._per_model_option(value, "grad_scale", 1.0)
+        self._model[:, self._kernels.MODEL.inv_scale] = 1.0 / scale
         self._grad_scale = value
+
+    def _per_model_option(self, value, name, default):
+        """A positive optimizer-wide option as (K,) float64 (``default`` for None)."""
+        if value is None:
+            return np.full(self.n_models, default)
+        return _validate.hyperparameter(value, name, self._k, _validate.positive)
 
     @property
     def max_grad_norm(self):
@@ -306,9 +242,9 @@ class _Optimizer:
 
     @max_grad_norm.setter
     def max_grad_norm(self, value):
-        norm = (np.zeros(self.n_models) if value is None else
-                _checks.hyperparameter(value, "max_grad_norm", self._k, _checks.positive))
-        self._model[:, self._kernels.MAX_NORM] = norm
+        # 0 in the model table means no clipping
+        self._model[:, self._kernels.MODEL.max_norm] = self._per_model_option(
+            value, "max_grad_norm", 0.0)
         self._max_grad_norm = value
 
     @property
@@ -318,10 +254,8 @@ class _Optimizer:
 
     @skip_nonfinite.setter
     def skip_nonfinite(self, value):
-        if not isinstance(value, (bool, np.bool_)):
-            raise TypeError(f"skip_nonfinite must be a bool; got {_checks.describe(value)}")
-        self._model[:, self._kernels.SKIP] = float(value)
-        self._skip_nonfinite = bool(value)
+        self._skip_nonfinite = _validate.flag(value, "skip_nonfinite")
+        self._model[:, self._kernels.MODEL.skip] = float(self._skip_nonfinite)
 
     @property
     def ema_decay(self):
@@ -333,25 +267,36 @@ class _Optimizer:
             self._ema = None
             self.ema_params = None
         else:
-            decay = _checks.hyperparameter(value, "ema_decay", self._k,
-                                           _checks.closed_unit_interval)
-            self._model[:, self._kernels.EMA_DECAY] = decay
-            self._ema = self._backend.concatenate(self._params)
-            self.ema_params = self._backend.views(self._ema)
+            decay = _validate.hyperparameter(value, "ema_decay", self._k,
+                                             _validate.closed_unit_interval)
+            self._model[:, self._kernels.MODEL.ema_decay] = decay
+            self._ema = self._ops.concatenate(self._params)
+            self.ema_params = self._ops.views(self._ema)
         self._ema_decay = value
 
     # -- state -----------------------------------------------------------------------------
 
-    def _state_buffers(self, names):
-        """The flat state arrays in ``names`` order, allocating missing ones as zeros."""
+    def _state_buffers(self):
+        """The flat state arrays in the update kernel's order, allocating missing ones as
+        zeros (a placeholder stands for one no row needs)."""
         for name in self._needed_state():
             if name not in self._state:
-                self._state[name] = self._backend.zeros(self._backend.total)
-        return [self._state.get(name, self._backend.placeholder) for name in names]
+                self._state[name] = self._zero_state()
+        return [self._state.get(name, self._ops.placeholder) for name in self._known_state()]
+
+    def _zero_state(self):
+        return self._ops.zeros(self._ops.total, self.dtype)
+
+    def _known_state(self):
+        """Names of every state buffer, in the update kernel's argument order (torch's names)."""
+        return [name for name, _ in self._layout.state]
 
     def _needed_state(self):
-        """Names of the state buffers the current hyperparameters need."""
-        return self._known_state()
+        """Names of the state buffers the current hyperparameters need: those every row needs,
+        and those of a flag some row has."""
+        flags = self._row_flags()
+        return [name for name, flag in self._layout.state
+                if flag is None or np.any(flags[flag])]
 
     def state_dict(self):
         """Host copies of the state, step counts, hyperparameters and options."""
@@ -371,14 +316,14 @@ class _Optimizer:
         }
 
     def _host_copies(self, flat):
-        return [self._backend.to_host(v) for v in self._backend.views(flat)]
+        return [self._ops.host_copy(v) for v in self._ops.views(flat)]
 
     def load_state_dict(self, state_dict):
         """Restore :meth:`state_dict`'s output (host arrays) so that training continues
         bit-identically. Everything is checked before anything is changed."""
         d = state_dict
         if not isinstance(d, dict) or d.get("optimizer") != type(self).__name__:
-            got = d.get("optimizer") if isinstance(d, dict) else _checks.describe(d)
+            got = d.get("optimizer") if isinstance(d, dict) else _validate.describe(d)
             raise ValueError(f"state_dict must come from {type(self).__name__}.state_dict(); "
                              f"got one from {got!r}")
         steps = np.asarray(d["step"])
@@ -409,7 +354,7 @@ class _Optimizer:
                 if tuple(a.shape) != shape or a.dtype != self.dtype:
                     raise ValueError(f"state_dict['state'][{name!r}][{j}] must have shape "
                                      f"{shape} and dtype {self.dtype}; got "
-                                     f"{_checks.describe(a)}")
+                                     f"{_validate.describe(a)}")
         # Validate the hyperparameters on a copy of the groups before touching anything.
         saved_groups = [{k: _copy(saved[k]) for k in self._defaults}
                         for saved in d["param_groups"]]
@@ -423,13 +368,14 @@ class _Optimizer:
             self._hyper, self._seen = backup[0], backup[1]
             for group, old in zip(self.param_groups, backup[2]):
                 group.update(old)
+            self._set_row_flags()
             raise
         options = d.get("options", {})
         self.grad_scale = options.get("grad_scale")
         self.max_grad_norm = options.get("max_grad_norm")
         self.skip_nonfinite = options.get("skip_nonfinite", False)
         if self._ema is not None and options.get("ema_decay") is not None:
-            self._model[:, self._kernels.EMA_DECAY] = options["ema_decay"]
+            self._model[:, self._kernels.MODEL.ema_decay] = options["ema_decay"]
             self._ema_decay = options["ema_decay"]
         self._steps[:] = steps
         self._state_args = None
@@ -439,16 +385,12 @@ class _Optimizer:
             else:
                 target = self._state.get(name)
                 if target is None:
-                    target = self._state[name] = self._backend.zeros(self._backend.total)
-            for view, a in zip(self._backend.views(target), arrays):
-                self._backend.write(view, a if isinstance(a, np.ndarray) else to_host(a))
+                    target = self._state[name] = self._zero_state()
+            for view, a in zip(self._ops.views(target), arrays):
+                self._ops.write(view, a if isinstance(a, np.ndarray) else to_host(a))
         for name in list(self._state):
             if name not in tensors:
-                self._state[name] = self._backend.zeros(self._backend.total)
-
-    def _known_state(self):
-        """Names of every state buffer, in the update kernel's argument order (torch's names)."""
-        raise NotImplementedError
+                self._state[name] = self._zero_state()
 
     # -- the step --------------------------------------------------------------------------
 
@@ -460,21 +402,19 @@ class _Optimizer:
         """
         if isinstance(grads, np.ndarray):
             raise TypeError("grads must be a list of arrays, one per param; got a single "
-                            f"{_checks.describe(grads)}")
-        backend = self._backend
-        plan = backend.prepare(list(grads))
+                            f"{_validate.describe(grads)}")
+        ops = self._ops
+        plan = ops.prepare(list(grads))
         if self._refresh_hyper() or self._state_args is None:
-            self._state_args = self._state_buffers(self._known_state())
+            self._state_args = self._state_buffers()
         if self._skip_nonfinite or self._max_grad_norm is not None:
-            backend.grad_stats(plan, self._model, self._coef, self._sumsq, self._nonfinite)
-        self._run_coefficients()
-        backend.update(plan, self._coef, self._active, self._state_args,
-                       backend.placeholder if self._ema is None else self._ema)
+            ops.grad_stats(plan, self._model, self._coef, self._sumsq, self._nonfinite)
+        self._kernels.coefficients(self._layout.kind, self._hyper, self._model, self._sumsq,
+                                   self._nonfinite, self._steps, self._active, self._coef,
+                                   self._decoupled)
+        ops.update(plan, self._coef, self._active, self._state_args,
+                   ops.placeholder if self._ema is None else self._ema)
         return self._step_info()
-
-    def _run_coefficients(self):
-        self._coefficients(self._hyper, self._model, self._sumsq, self._nonfinite, self._steps,
-                           self._active, self._coef)
 
     def _step_info(self):
         found = self._nonfinite if self._skip_nonfinite else None
@@ -507,15 +447,6 @@ def _copy(value):
     return value
 
 
-def _split(segments, chunk):
-    rows = []
-    for ptr, model, row, lo, hi, state in segments:
-        for start in range(lo, hi, chunk):
-            stop = min(hi, start + chunk)
-            rows.append((ptr, model, row, start, stop, state + start - lo))
-    return np.array(rows, np.int64).reshape(-1, 6)
-
-
 class SGD(_Optimizer):
     """PyTorch's SGD. With momentum, ``b = g`` on the first step, then
     ``b = momentum*b + (1-dampening)*g``; ``p -= lr * (g + momentum*b if nesterov else b)``.
@@ -527,7 +458,7 @@ class SGD(_Optimizer):
 
     _defaults = {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0,
                  "nesterov": False, "maximize": False}
-    _kernel_name = "sgd"
+    _algorithm = "sgd"
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, maximize=False, **options):
@@ -536,18 +467,16 @@ class SGD(_Optimizer):
                                       maximize=maximize), **options)
 
     def _check_group(self, g):
-        lr, momentum, dampening, wd, nesterov, maximize = self._hyper[g].T
-        bad = (nesterov != 0) & ((momentum <= 0) | (dampening != 0))
+        H = self._layout.hyper
+        momentum, dampening = self._hyper[g, :, H.momentum], self._hyper[g, :, H.dampening]
+        bad = (self._hyper[g, :, H.nesterov] != 0) & ((momentum <= 0) | (dampening != 0))
         if np.any(bad):
             raise ValueError(f"param_groups[{g}]: nesterov=True needs momentum > 0 and "
                              f"dampening = 0; got momentum={momentum[bad][0]}, "
                              f"dampening={dampening[bad][0]}")
 
-    def _known_state(self):
-        return ("momentum_buffer",)
-
-    def _needed_state(self):
-        return ("momentum_buffer",) if np.any(self._hyper[:, :, 1] != 0) else ()
+    def _row_flags(self):
+        return {"use_buf": self._hyper_values("momentum") != 0}
 
 
 class Momentum(_Optimizer):
@@ -558,15 +487,12 @@ class Momentum(_Optimizer):
     """
 
     _defaults = {"lr": 0.01, "beta": 0.9, "weight_decay": 0.0, "maximize": False}
-    _kernel_name = "momentum"
+    _algorithm = "momentum"
 
     def __init__(self, params, lr=0.01, beta=0.9, weight_decay=0.0, maximize=False,
                  **options):
         super().__init__(params, dict(lr=lr, beta=beta, weight_decay=weight_decay,
                                       maximize=maximize), **options)
-
-    def _known_state(self):
-        return ("velocity",)
 
 
 class RMSprop(_Optimizer):
@@ -580,7 +506,7 @@ class RMSprop(_Optimizer):
 
     _defaults = {"lr": 0.01, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0,
                  "centered": False, "maximize": False}
-    _kernel_name = "rmsprop"
+    _algorithm = "rmsprop"
 
     def __init__(self, params, lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False, maximize=False, **options):
@@ -588,16 +514,9 @@ class RMSprop(_Optimizer):
                                       momentum=momentum, centered=centered,
                                       maximize=maximize), **options)
 
-    def _known_state(self):
-        return ("square_avg", "grad_avg", "momentum_buffer")
-
-    def _needed_state(self):
-        names = ["square_avg"]
-        if np.any(self._hyper[:, :, 5] != 0):
-            names.append("grad_avg")
-        if np.any(self._hyper[:, :, 4] != 0):
-            names.append("momentum_buffer")
-        return names
+    def _row_flags(self):
+        return {"centered": self._hyper_values("centered") != 0,
+                "use_buf": self._hyper_values("momentum") > 0}
 
 
 class Adam(_Optimizer):
@@ -613,26 +532,15 @@ class Adam(_Optimizer):
 
     _defaults = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
                  "amsgrad": False, "maximize": False}
-    _kernel_name = "adam"
-    _decoupled = False
+    _algorithm = "adam"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, maximize=False, **options):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       amsgrad=amsgrad, maximize=maximize), **options)
 
-    def _run_coefficients(self):
-        self._coefficients(self._hyper, self._model, self._sumsq, self._nonfinite, self._steps,
-                           self._active, self._coef, self._decoupled)
-
-    def _known_state(self):
-        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-
-    def _needed_state(self):
-        names = ["exp_avg", "exp_avg_sq"]
-        if np.any(self._hyper[:, :, 5] != 0):
-            names.append("max_exp_avg_sq")
-        return names
+    def _row_flags(self):
+        return {"amsgrad": self._hyper_values("amsgrad") != 0}
 
 
 class AdamW(Adam):

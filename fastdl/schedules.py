@@ -7,45 +7,24 @@ then returns K learning rates, one per model.
 
 import bisect
 import math
-import numbers
 
-import numpy as np
+from . import _validate
 
 __all__ = ["exponential", "inverse_sqrt", "inverse_time", "piecewise", "staircase"]
 
 
-def _number(value, argument, low=None, low_inclusive=True):
-    if isinstance(value, (np.ndarray, list, tuple)):  # one value per model
-        values = np.asarray(value, np.float64) if np.ndim(value) == 1 else None
-        if values is None or values.dtype.kind != "f":
-            raise TypeError(f"{argument} must be a real number or a 1-D array of them; got "
-                            f"{value!r}")
-        for v in values:
-            _number(float(v), argument, low, low_inclusive)
-        return values
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{argument} must be a real number; got {type(value).__name__} "
-                        f"{value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{argument} must be finite; got {value!r}")
-    if low is not None and (value < low or (value == low and not low_inclusive)):
-        bound = ">=" if low_inclusive else ">"
-        raise ValueError(f"{argument} must be {bound} {low}; got {value!r}")
-    return value
+# Every numeric parameter: a finite number >= 0, or a 1-D array of them (one per model).
+_RULE = _validate.finite_nonnegative
 
 
-def _epoch(epoch):
-    if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral):
-        raise TypeError(f"epoch must be an int; got {type(epoch).__name__} {epoch!r}")
-    if epoch < 0:
-        raise ValueError(f"epoch must be >= 0 (epochs count from 0); got {epoch}")
-    return int(epoch)
+def _epoch(epoch):  # epochs count from 0
+    return _validate.integer(epoch, "epoch", minimum=0)
 
 
 def inverse_time(lr0, decay_rate):
     """``lr0 / (1 + decay_rate * epoch)``."""
-    lr0 = _number(lr0, "lr0", 0)
-    decay_rate = _number(decay_rate, "decay_rate", 0)
+    lr0 = _validate.number_or_per_model(lr0, "lr0", _RULE)
+    decay_rate = _validate.number_or_per_model(decay_rate, "decay_rate", _RULE)
 
     def schedule(epoch):
         return lr0 / (1 + decay_rate * _epoch(epoch))
@@ -55,8 +34,8 @@ def inverse_time(lr0, decay_rate):
 
 def exponential(lr0, base=0.95):
     """``lr0 * base ** epoch``."""
-    lr0 = _number(lr0, "lr0", 0)
-    base = _number(base, "base", 0)
+    lr0 = _validate.number_or_per_model(lr0, "lr0", _RULE)
+    base = _validate.number_or_per_model(base, "base", _RULE)
 
     def schedule(epoch):
         return lr0 * base ** _epoch(epoch)
@@ -66,8 +45,8 @@ def exponential(lr0, base=0.95):
 
 def inverse_sqrt(lr0, k=1.0):
     """``lr0 * k / sqrt(epoch + 1)``."""
-    lr0 = _number(lr0, "lr0", 0)
-    k = _number(k, "k", 0)
+    lr0 = _validate.number_or_per_model(lr0, "lr0", _RULE)
+    k = _validate.number_or_per_model(k, "k", _RULE)
 
     def schedule(epoch):
         return lr0 * k / math.sqrt(_epoch(epoch) + 1)
@@ -77,12 +56,9 @@ def inverse_sqrt(lr0, k=1.0):
 
 def staircase(lr0, factor, step_size):
     """``lr0 * factor ** (epoch // step_size)``: a discrete step every ``step_size`` epochs."""
-    lr0 = _number(lr0, "lr0", 0)
-    factor = _number(factor, "factor", 0)
-    if isinstance(step_size, bool) or not isinstance(step_size, numbers.Integral):
-        raise TypeError(f"step_size must be an int; got {type(step_size).__name__}")
-    if step_size < 1:
-        raise ValueError(f"step_size must be >= 1; got {step_size}")
+    lr0 = _validate.number_or_per_model(lr0, "lr0", _RULE)
+    factor = _validate.number_or_per_model(factor, "factor", _RULE)
+    step_size = _validate.integer(step_size, "step_size", minimum=1)
 
     def schedule(epoch):
         return lr0 * factor ** (_epoch(epoch) // step_size)
@@ -95,13 +71,9 @@ def piecewise(boundaries, values):
 
     ``len(values) == len(boundaries) + 1``; boundaries strictly increasing.
     """
-    boundaries = list(boundaries)
-    values = list(values)
-    for i, b in enumerate(boundaries):
-        if isinstance(b, bool) or not isinstance(b, numbers.Integral):
-            raise TypeError(f"boundaries[{i}] must be an int epoch; got {type(b).__name__}")
-    for i, v in enumerate(values):
-        _number(v, f"values[{i}]", 0)
+    boundaries = [_validate.integer(b, f"boundaries[{i}] (an epoch)")
+                  for i, b in enumerate(boundaries)]
+    values = [_validate.number_or_per_model(v, f"values[{i}]", _RULE) for i, v in enumerate(values)]
     if len(values) != len(boundaries) + 1:
         raise ValueError(f"values must have len(boundaries) + 1 = {len(boundaries) + 1} "
                          f"entries; got {len(values)}")

@@ -14,9 +14,8 @@ axis (-1 for (m, C), 0 for the notes' (C, m)); inputs are C-contiguous and never
 
 import numpy as np
 
-from . import _checks
-from ._arrays import c_contiguous, check_out, device_of, overlap, view_shape
-from .device import require_cuda
+from . import _dispatch, _validate
+from ._dispatch import CudaOps, HostOps
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -24,42 +23,12 @@ REDUCTIONS = ("mean", "sum", "none")
 SOFTMAX, LOG_SOFTMAX, XENT_INDEX, XENT_PROB = range(4)
 
 
-def _check_array(a, name, population, device=None):
-    """Check a float input of per-model rank >= 1; returns its device."""
-    where = device_of(a)
-    if device is not None and where != device:
-        raise TypeError(f"{name} is on {where} but logits are on {device}: all arrays of a "
-                        "call must live on one device")
-    if where == "cuda":
-        require_cuda()
-    elif not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy or GPU array; got {_checks.describe(a)}")
-    if a.dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"{name} must have dtype float32 or float64; got {a.dtype}")
-    if len(a.shape) < (2 if population else 1):
-        raise ValueError(f"{name} needs a class axis{' after the model axis' * population}; "
-                         f"got shape {tuple(a.shape)}")
-    if not c_contiguous(a):
-        raise ValueError(f"{name} must be C-contiguous (never copied); pass "
-                         f"np.ascontiguousarray({name}) (or its device equivalent)")
-    return where
+_DUMMIES = {}  # (rank, dtype) -> the CPU kernels' stand-in for an unused input
 
 
-def _class_axis(axis, rank):
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"axis must be an int; got {_checks.describe(axis)}")
-    if not -rank <= axis < rank:
-        raise ValueError(f"axis must be in [{-rank}, {rank}) for logits of rank {rank}; "
-                         f"got {axis}")
-    return int(axis) % rank
-
-
-def _ops(device, view, dtype):
-    return (_CudaOps if device == "cuda" else _CpuOps)(view, dtype)
-
-
-class _CpuOps:
-    """The CPU kernels on NumPy arrays viewed as (rows, C, inner)."""
+class _SoftmaxCpu(HostOps):
+    """The CPU kernels (``kernels/softmax.py``) on NumPy arrays of the (K, outer, C, inner)
+    ``view``, seen as (rows, C) or (rows, C, inner) with rows = K * outer."""
 
     def __init__(self, view, dtype):
         from fastdl.kernels import softmax as kernels
@@ -73,32 +42,42 @@ class _CpuOps:
         self.n_workers = threads() * 4 if self.parallel else 1
         self.dtype = dtype
 
+    def _view_or_dummy(self, a, shape, dtype):
+        """``a`` viewed as ``shape``, or a 1-element stand-in of that rank for an unused input
+        (never read: made once per rank and dtype)."""
+        if a is not None:
+            return a.reshape(shape)
+        dummy = _DUMMIES.get((len(shape), dtype))
+        if dummy is None:
+            dummy = _DUMMIES[len(shape), dtype] = self.zeros((1,) * len(shape), dtype)
+        return dummy
+
     def run(self, mode, z, labels, probs, grad_scale, smoothing, ignore_index, out):
-        """Launch one kernel; returns the per-position losses, float64 (rows * inner,)."""
-        rows, inner, n_classes = self.rows, self.inner, self.n_classes
-        loss = np.empty(rows * inner if mode >= XENT_INDEX else inner)
-        dtype = self.dtype
-        grad_scale = np.ones(1, dtype) if grad_scale is None else grad_scale.astype(dtype)
-        smoothing = np.asarray([1, 0, 0] if smoothing is None else smoothing, dtype)
+        """Launch one kernel; returns the per-position losses, float64 (rows * inner,).
+
+        ``grad_scale``: (K,) host values; ``smoothing``: (keep, eps, eps / C)."""
+        rows, inner, n_classes, dtype = self.rows, self.inner, self.n_classes, self.dtype
+        loss = self.empty(rows * inner if mode >= XENT_INDEX else inner, np.float64)
+        grad_scale, smoothing = self.from_host(grad_scale, dtype), self.from_host(smoothing, dtype)
         if inner == 1:
             shape = (rows, n_classes)
             kernel = self.kernels.rows_parallel if self.parallel else self.kernels.rows_serial
-            kernel(z.reshape(shape), _or_dummy(labels, (rows,), np.int64),
-                   _or_dummy(probs, shape, dtype), grad_scale, self.rows_per_model, smoothing,
-                   ignore_index, mode, out.reshape(shape), loss)
+            kernel(z.reshape(shape), self._view_or_dummy(labels, (rows,), np.int64),
+                   self._view_or_dummy(probs, shape, dtype), grad_scale, self.rows_per_model,
+                   smoothing, ignore_index, mode, out.reshape(shape), loss)
         else:
             shape = (rows, n_classes, inner)
             kernel = self.kernels.tiles_parallel if self.parallel else self.kernels.tiles_serial
-            kernel(z.reshape(shape), _or_dummy(labels, (rows, inner), np.int64),
-                   _or_dummy(probs, shape, dtype), grad_scale, self.rows_per_model, smoothing,
-                   ignore_index, mode, self.n_workers, out.reshape(shape),
+            kernel(z.reshape(shape), self._view_or_dummy(labels, (rows, inner), np.int64),
+                   self._view_or_dummy(probs, shape, dtype), grad_scale, self.rows_per_model,
+                   smoothing, ignore_index, mode, self.n_workers, out.reshape(shape),
                    loss.reshape(-1, inner))
         return loss
 
     def label_counts(self, labels, ignore_index):
         """Labels not ignored per model, and the first label out of range (or None)."""
         n_models = self.rows // self.rows_per_model
-        counts = np.empty(n_models, np.int64)
+        counts = self.empty(n_models, np.int64)
         bad = self.kernels.label_counts(labels.reshape(n_models, -1), self.n_classes,
                                         ignore_index, counts)
         return counts, (None if bad == ignore_index else int(bad))
@@ -107,71 +86,62 @@ class _CpuOps:
         """Per model: sum of its positions' losses times ``scale[k]``, float64 (K,)."""
         return row_loss.reshape(scale.shape[0], -1).sum(axis=1) * scale
 
-    empty_like = staticmethod(np.empty_like)
-
     def result(self, values, shape):
         """Losses in the logits' dtype: a NumPy scalar for shape (), else an array."""
         return np.asarray(values, self.dtype).reshape(shape)[()]
 
 
-class _CudaOps:
+class _SoftmaxCuda(CudaOps):
     """The CUDA kernels (``kernels/softmax_cuda.py``) on device arrays, passed flat. Losses
     stay on the device in the logits' dtype; label counts cross to the host (one sync)."""
 
     def __init__(self, view, dtype):
+        super().__init__()
         from fastdl.kernels import softmax_cuda as kernels
-        from fastdl.kernels.cudalib import as_cuda_array, cuda
 
-        self.kernels, self.cuda, self.as_cuda_array = kernels, cuda, as_cuda_array
+        self.kernels = kernels
         self.view, self.dtype = view, dtype
-
-    def _flat(self, a):
-        a = self.as_cuda_array(a)
-        return a.reshape(a.size) if len(a.shape) != 1 else a
-
-    def _values(self, values):
-        return self.cuda.to_device(np.asarray(values, self.dtype))
 
     def run(self, mode, z, labels, probs, grad_scale, smoothing, ignore_index, out):
         """Launch one kernel; returns the per-position losses, a device array."""
-        n_models = self.view[0]
-        labels = self.cuda.to_device(np.zeros(1, np.int64)) if labels is None \
-            else self._flat(labels)
-        probs = self._values(np.zeros(1)) if probs is None else self._flat(probs)
-        grad_scale = self._values(np.ones(n_models) if grad_scale is None else grad_scale)
-        smoothing = self._values([1, 0, 0] if smoothing is None else smoothing)
-        return self.kernels.run(mode, self._flat(z), labels, probs, grad_scale, self.view[1],
-                                smoothing, ignore_index, self.view, self._flat(out))
+        n_models, outer, _, inner = self.view
+        labels = self.zeros(1, np.int64) if labels is None else self.flat(labels)
+        probs = self.zeros(1, self.dtype) if probs is None else self.flat(probs)
+        loss = self.empty(n_models * outer * inner, self.dtype)
+        self.kernels.run(mode, self.flat(z), labels, probs,
+                         self.from_host(grad_scale, self.dtype), outer,
+                         self.from_host(smoothing, self.dtype), ignore_index, self.view,
+                         self.flat(out), loss)
+        return loss
 
     def label_counts(self, labels, ignore_index):
-        return self.kernels.label_counts(self._flat(labels), self.view[0], self.view[2],
-                                         ignore_index)
+        n_models = self.view[0]
+        return self.kernels.label_counts(self.flat(labels), n_models, self.view[2],
+                                         ignore_index, self.zeros(n_models, np.int64),
+                                         self.zeros(2, np.int64))
 
     def reduce(self, row_loss, scale):
-        return self.kernels.sum_per_model(row_loss, self.view[0], self._values(scale))
-
-    def empty_like(self, a):
-        a = self.as_cuda_array(a)
-        return self.cuda.device_array(a.shape, a.dtype)
+        out = self.empty(self.view[0], self.dtype)
+        self.kernels.sum_per_model(row_loss, self.view[0], self.from_host(scale, self.dtype), out)
+        return out
 
     def result(self, values, shape):
         """Losses as a device array of ``shape`` (0-d for a reduced loss)."""
         return values.reshape(shape)
 
 
-def _or_dummy(a, shape, dtype):
-    """``a`` viewed as ``shape``, or a 1-element stand-in of that rank for an unused input."""
-    return np.zeros((1,) * len(shape), dtype) if a is None else a.reshape(shape)
+_FAMILY = {"cpu": _SoftmaxCpu, "cuda": _SoftmaxCuda}
+_ONE = np.ones(1)  # the softmax modes' grad_scale (one model; the kernels only read it)
+_NO_SMOOTHING = (1, 0, 0)  # (keep, eps, eps / C)
 
 
 def _normalize(z, axis, out, mode):
-    device = _check_array(z, "z", population=False)
-    rank = len(z.shape)
-    view = view_shape(tuple(z.shape), _class_axis(axis, rank), False)
-    check_out(out, "out", z, device, like_name="z")
-    ops = _ops(device, view, z.dtype)
+    device = _validate.float_array(z, "z")
+    view = _validate.view_shape(tuple(z.shape), _validate.axis(axis, len(z.shape)), False)
+    _validate.check_out(out, "out", z, device, like_name="z")
+    ops = _dispatch.select(_FAMILY, device, view, z.dtype)
     out = ops.empty_like(z) if out is None else out
-    ops.run(mode, z, None, None, None, None, 0, out)
+    ops.run(mode, z, None, None, _ONE, _NO_SMOOTHING, 0, out)
     return out
 
 
@@ -205,52 +175,25 @@ def softmax_cross_entropy(logits, target, axis=-1, reduction="mean", label_smoot
     loss is a NumPy scalar of logits' dtype on the CPU (a 0-d device array on the GPU), an
     array for "none" or a population; dlogits is the gradient of the reduced loss.
     """
-    device = _check_array(logits, "logits", population)
-    rank = len(logits.shape) - (1 if population else 0)
-    class_axis = _class_axis(axis, rank)
-    view = view_shape(tuple(logits.shape), class_axis, population)
+    population = _validate.population_flag(population)
+    device = _validate.float_array(logits, "logits", population, needs="a class axis")
+    class_axis = _validate.axis(axis, len(logits.shape) - int(population))
+    view = _validate.view_shape(tuple(logits.shape), class_axis, population)
     n_models, _, n_classes, _ = view
-    lead = 1 if population else 0
+    lead = int(population)
     row_shape = tuple(logits.shape[:lead + class_axis] + logits.shape[lead + class_axis + 1:])
-    labels = probs = None
-    if device_of(target) != device:
-        raise TypeError(f"target is on {device_of(target)} but logits are on {device}: all "
-                        "arrays of a call must live on one device")
-    if device == "cpu" and not isinstance(target, np.ndarray):
-        raise TypeError(f"target must be a NumPy array of class indices or probabilities; "
-                        f"got {_checks.describe(target)}")
-    if np.dtype(target.dtype).kind in "iu":
-        if tuple(target.shape) != row_shape:
-            raise ValueError(f"target of class indices must have shape {row_shape} (logits' "
-                             f"shape without the class axis {axis}); got {tuple(target.shape)}")
-        labels = target
-    elif np.dtype(target.dtype).kind == "f":
-        if target.dtype != logits.dtype:
-            raise TypeError(f"target probabilities must have logits' dtype {logits.dtype}; "
-                            f"got {target.dtype}")
-        if tuple(target.shape) != tuple(logits.shape):
-            raise ValueError(f"target probabilities must have logits' shape "
-                             f"{tuple(logits.shape)}; got {tuple(target.shape)}")
-        probs = target
-    else:
-        raise TypeError(f"target must hold integer class indices or float probabilities; got "
-                        f"dtype {target.dtype}")
-    if not c_contiguous(target):
-        raise ValueError("target must be C-contiguous (never copied)")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
-    if not _checks.is_real_scalar(label_smoothing) or not 0 <= label_smoothing <= 1:
-        raise ValueError(f"label_smoothing must be a number in [0, 1]; got {label_smoothing!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
-        raise TypeError(f"ignore_index must be an int; got {_checks.describe(ignore_index)}")
-    check_out(out, "out", logits, device, like_name="logits")
-    if out is not None and probs is not None and overlap(out, probs, device):
-        raise ValueError("out must not overlap target (the gradient pass reads it)")
+    is_index = _validate.class_target(target, logits, row_shape, device)
+    labels, probs = (target, None) if is_index else (None, target)
+    reduction = _validate.option(reduction, "reduction", REDUCTIONS)
+    eps = _validate.number(label_smoothing, "label_smoothing", _validate.closed_unit_interval)
+    ignore_index = _validate.integer(ignore_index, "ignore_index")
+    _validate.check_out(out, "out", logits, device, like_name="logits", forbid_overlap=probs,
+                        reason="target (the gradient pass reads it)")
 
-    ops = _ops(device, view, logits.dtype)
+    ops = _dispatch.select(_FAMILY, device, view, logits.dtype)
     per_model = np.prod(row_shape[lead:], dtype=np.int64)
     if labels is not None:
-        counts, bad = ops.label_counts(labels, int(ignore_index))
+        counts, bad = ops.label_counts(labels, ignore_index)
         if bad is not None:
             raise ValueError(f"target holds class index {bad}, outside [0, {n_classes}) and not "
                              f"ignore_index ({ignore_index})")
@@ -262,11 +205,10 @@ def softmax_cross_entropy(logits, target, axis=-1, reduction="mean", label_smoot
         grad_scale = np.where(counts > 0, loss_scale, 0.0)
     else:
         loss_scale = grad_scale = np.ones(n_models)
-    eps = float(label_smoothing)
     smoothing = (1 - eps, eps, eps / n_classes)
     dlogits = ops.empty_like(logits) if out is None else out
     row_loss = ops.run(XENT_INDEX if labels is not None else XENT_PROB, logits, labels, probs,
-                       grad_scale, smoothing, int(ignore_index), dlogits)
+                       grad_scale, smoothing, ignore_index, dlogits)
     if reduction == "none":
         return ops.result(row_loss, row_shape), dlogits
     loss = ops.reduce(row_loss, loss_scale)

@@ -13,10 +13,11 @@ exactly what a population (``population=True``) takes.
 
 import csv
 import math
+import time
 
 import numpy as np
 
-from . import _checks
+from . import _validate, training
 
 
 class _Sampler:
@@ -113,7 +114,7 @@ class choice(_Sampler):  # noqa: N801
 
 def _bounds(lo, hi, name):
     for value, what in [(lo, "lo"), (hi, "hi")]:
-        if not _checks.is_real_scalar(value) or not math.isfinite(value):
+        if not _validate.is_real_scalar(value) or not math.isfinite(value):
             raise TypeError(f"{name} {what} must be a finite number; got {value!r}")
     if not lo < hi:
         raise ValueError(f"{name} needs lo < hi; got ({lo!r}, {hi!r})")
@@ -123,11 +124,11 @@ def _bounds(lo, hi, name):
 def _check_space(space):
     if not isinstance(space, dict) or not space:
         raise TypeError(f"space must be a non-empty dict of name -> sampler; got "
-                        f"{_checks.describe(space)}")
+                        f"{_validate.describe(space)}")
     for name, sampler in space.items():
         if not isinstance(sampler, _Sampler):
             raise TypeError(f"space[{name!r}] must be a sampler (loguniform, beta_range, "
-                            f"uniform, choice); got {_checks.describe(sampler)}")
+                            f"uniform, choice); got {_validate.describe(sampler)}")
 
 
 def sample_space(space, n, seed=None):
@@ -228,7 +229,7 @@ def scatter(results, x, y, metric="dev_accuracy", path="search.png", space=None)
     return path
 
 
-# -- the job: python -m fastdl tune ------------------------------------------------------------
+# -- the search of python -m fastdl tune (the job itself: fastdl.jobs.tune) ---------------------
 
 BETAS = {"adam": {"beta1": beta_range(0.8, 0.99), "beta2": beta_range(0.99, 0.9999)},
          "adamw": {"beta1": beta_range(0.8, 0.99), "beta2": beta_range(0.99, 0.9999)},
@@ -253,18 +254,15 @@ def search_round(space, splits, n_models, epochs, optimizer="adam", seed=0, roun
                  device=None):
     """Sample ``n_models`` configurations and train them as one population on ``splits``;
     returns their records (the configuration, dev accuracy and loss of the last epoch, whether
-    the model diverged and was frozen) and the seconds it took."""
-    import time
-
-    from .demo import build_network, train_population
-
+    the model diverged and was frozen) and the seconds it took (:mod:`fastdl.training` builds
+    and trains them)."""
     values = sample_space(space, n_models, seed=(seed, round_index))
     model_seeds = [seed * 1000 + round_index * n_models + k for k in range(n_models)]
-    model = build_network(dropout=np.asarray(values["dropout"], np.float64), seed=model_seeds,
-                          population=n_models, device=device)
+    model = training.build_network(dropout=np.asarray(values["dropout"], np.float64),
+                                   seed=model_seeds, population=n_models, device=device)
+    hyper = {name: v for name, v in values.items() if name != "dropout"}
     start = time.perf_counter()
-    history = train_population(model, splits, {k: v for k, v in values.items()
-                                               if k != "dropout"}, epochs, optimizer, seed=seed)
+    history = training.train_population(model, splits, hyper, epochs, optimizer, seed=seed)
     seconds = time.perf_counter() - start
     records = []
     for k in range(n_models):
@@ -275,56 +273,3 @@ def search_round(space, splits, n_models, epochs, optimizer="adam", seed=0, roun
         record["diverged"] = frozen
         records.append(record)
     return records, seconds
-
-
-def run(argv=None):
-    import argparse
-    import os
-
-    from .demo import load_digits, select_device
-
-    parser = argparse.ArgumentParser(prog="fastdl tune", description="Random search, coarse to "
-                                     "fine, over the demo network's hyperparameters on the "
-                                     "digits: K models a round, trained as one population.")
-    parser.add_argument("--models", type=int, default=16, help="models per round (K)")
-    parser.add_argument("--rounds", type=int, default=2, help="round 1 coarse, then finer")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--optimizer", default="adam", choices=sorted(BETAS))
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="fastdl-tune", help="folder of results.csv and "
-                        "search.png (default: fastdl-tune)")
-    args = parser.parse_args(argv)
-    for name in ("models", "rounds", "epochs"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
-    device = select_device(args.device, "fastdl tune")
-    if device is None:
-        return 2
-    splits = load_digits(args.seed)
-    space = default_space(args.optimizer)
-    results = []
-    for round_index in range(args.rounds):
-        print(f"round {round_index + 1}: {args.models} models ({args.optimizer}, {args.epochs} "
-              f"epochs) as one population over", flush=True)
-        for name, sampler in space.items():
-            print(f"  {name:13s} {sampler!r}")
-        records, seconds = search_round(space, splits, args.models, args.epochs,
-                                        args.optimizer, args.seed, round_index, device)
-        results += records
-        top = best(records)[0]
-        diverged = sum(r["diverged"] for r in records)
-        print(f"  {seconds:.2f} s; best dev accuracy {top['dev_accuracy']:.3f}; {diverged} "
-              f"diverged (frozen, reported as nan)", flush=True)
-        space = coarse_to_fine(space, records, keep=0.25)
-    print("\nleaderboard (dev accuracy after the last epoch):")
-    print(leaderboard(results, top=10))
-    os.makedirs(args.out, exist_ok=True)
-    csv_path = write_csv(results, os.path.join(args.out, "results.csv"))
-    png_path = scatter(results, "lr", "weight_decay", path=os.path.join(args.out, "search.png"),
-                       space=default_space(args.optimizer))
-    print(f"results: {csv_path}; plot: {png_path}")
-    winner = best(results)[0]
-    config = ", ".join(f"{k}={_format(winner[k])}" for k in default_space(args.optimizer))
-    print(f"best: dev accuracy {winner['dev_accuracy']:.3f} with {config}")
-    return 0

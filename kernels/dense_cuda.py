@@ -128,12 +128,7 @@ def scale_cuda(a, factor):
         a[i] *= factor
 
 
-# -- launchers (device arrays, checked by fastdl.nn) --------------------------------------------
-
-
-def _flat(a):
-    a = as_cuda_array(a)
-    return a.reshape(a.size) if len(a.shape) != 1 else a
+# -- launchers (checked by fastdl.nn; the elementwise ones take flat device arrays) ----------
 
 
 def _items(size):
@@ -147,45 +142,40 @@ def _batched(a):
 
 
 def matmul(a, b, out, transpose_a, transpose_b):
+    """out = op(a) @ op(b) on 2-D or (K, ., .) device arrays (a 2-D operand shared)."""
     out = _batched(out)
     n_tiles = out.shape[0] * -(-out.shape[1] // TILE) * -(-out.shape[2] // TILE)
     launch(matmul_cuda, n_tiles, _batched(a), _batched(b), int(transpose_a), int(transpose_b),
            out.dtype.type(1), out)
 
 
-def add_bias(y, bias, feature_axis):
-    """y (.., N, F) or the notes' (.., F, m), with bias (.., F): per model when 3-D."""
-    y, shape = as_cuda_array(y), tuple(y.shape)  # tuples: the simulator's take no index -1
-    n_features = tuple(bias.shape)[-1]
-    inner = shape[-1] if feature_axis == 0 else 1
-    per_model = y.size // (y.shape[0] if len(y.shape) == 3 else 1)
-    launch(add_bias_cuda, _items(y.size), _flat(y), _flat(bias), n_features, inner,
-           per_model)
+def add_bias(y, bias, n_features, inner, per_model):
+    """y += bias, flat: element i of y takes bias[(i // per_model) * n_features + (i // inner)
+    % n_features] (:func:`add_bias_cuda`)."""
+    launch(add_bias_cuda, _items(y.shape[0]), y, bias, n_features, inner, per_model)
 
 
-def bias_grad(dy, feature_axis, out):
-    dy = as_cuda_array(dy)
-    if feature_axis == 0:  # (.., F, m): one row of m per (model, feature)
-        rows = dy.size // tuple(dy.shape)[-1]
-        ones = cuda.to_device(np.ones(rows, dy.dtype))
-        _flat(out).copy_to_device(sum_per_model(_flat(dy), rows, ones))
-    else:
-        dy = _batched(dy)
-        launch(column_sums_cuda, _items(dy.shape[0] * dy.shape[2]), dy, _flat(out))
+def column_sums(dy, out):
+    """out (flat K * F) = the column sums of dy (N, F) or (K, N, F)."""
+    dy = _batched(dy)
+    launch(column_sums_cuda, _items(dy.shape[0] * dy.shape[2]), dy, out)
+
+
+def row_sums(dy, ones, out):
+    """out (flat, R) = the sums of the R rows of flat dy, the notes' layout (.., F, m):
+    ``sum_per_model`` with a scale ``ones`` of R ones (a block per row)."""
+    sum_per_model(dy, out.shape[0], ones, out)
 
 
 def activation(kind, x, out):
-    x = _flat(x)
     launch(activation_cuda, _items(x.shape[0]), x, RELU if kind == "relu" else TANH,
-           x.dtype.type(0), _flat(out))
+           x.dtype.type(0), out)
 
 
 def activation_backward(kind, dy, saved, out):
-    dy = _flat(dy)
-    launch(activation_backward_cuda, _items(dy.shape[0]), dy, _flat(saved),
-           RELU if kind == "relu" else TANH, dy.dtype.type(0), dy.dtype.type(1), _flat(out))
+    launch(activation_backward_cuda, _items(dy.shape[0]), dy, saved,
+           RELU if kind == "relu" else TANH, dy.dtype.type(0), dy.dtype.type(1), out)
 
 
 def scale(a, factor):
-    a = _flat(a)
     launch(scale_cuda, _items(a.shape[0]), a, a.dtype.type(factor))

@@ -9,7 +9,7 @@ threads take neighbour elements (coalesced); model k owns elements [k * n, (k + 
 import numpy as np
 from numba import types
 
-from .cudalib import THREADS_PER_BLOCK, array, as_cuda_array, cuda, device_function, kernel, launch
+from .cudalib import THREADS_PER_BLOCK, array, cuda, device_function, kernel, launch
 from .dropout import uniform_bits
 
 DTYPES = (np.float32, np.float64)
@@ -44,29 +44,14 @@ def dropout_backward_cuda(dy, mask, scales, per_model, dx):
 # -- launchers (device arrays, checked by fastdl.dropout) ---------------------------------------
 
 
-def _flat(a):
-    a = as_cuda_array(a)
-    return a.reshape(a.size) if len(a.shape) != 1 else a
+def forward(x, keys_low, keys_high, model_stride, thresholds, scales, per_model, y, mask):
+    """One launch over flat device arrays (``per_model`` elements a model; keys, thresholds
+    and scales (K,) device arrays): :func:`dropout_forward_cuda`."""
+    launch(dropout_forward_cuda, -(-x.shape[0] // THREADS_PER_BLOCK), x, keys_low, keys_high,
+           model_stride, thresholds, scales, per_model, y, mask)
 
 
-def empty_like(x):
-    x = as_cuda_array(x)
-    return cuda.device_array(x.shape, x.dtype)
-
-
-def empty_mask(shape):
-    return cuda.device_array(shape, np.bool_)
-
-
-def forward(x, n_models, keys_low, keys_high, model_stride, thresholds, scales, y, mask):
-    x = _flat(x)
-    launch(dropout_forward_cuda, -(-x.shape[0] // THREADS_PER_BLOCK), x,
-           cuda.to_device(keys_low), cuda.to_device(keys_high), model_stride,
-           cuda.to_device(thresholds), cuda.to_device(scales), max(1, x.shape[0] // n_models),
-           _flat(y), _flat(mask))
-
-
-def backward(dy, mask, n_models, scales, dx):
-    dy = _flat(dy)
-    launch(dropout_backward_cuda, -(-dy.shape[0] // THREADS_PER_BLOCK), dy, _flat(mask),
-           cuda.to_device(scales), max(1, dy.shape[0] // n_models), _flat(dx))
+def backward(dy, mask, scales, per_model, dx):
+    """One launch over flat device arrays: :func:`dropout_backward_cuda`."""
+    launch(dropout_backward_cuda, -(-dy.shape[0] // THREADS_PER_BLOCK), dy, mask, scales,
+           per_model, dx)

@@ -1,26 +1,33 @@
 """Fused optimizer kernels.
 
 Each optimizer's update is written once, as scalar math on one element (``*_element``); the CPU
-drivers below run it over chunks of the parameters, and the CUDA drivers run the same functions
-over a grid-stride loop.
+drivers below run it over chunks of the parameters, and the CUDA drivers
+(``kernels/optim_cuda.py``) run the same functions over a grid-stride loop.
 
 A step is at most two passes over the gradients:
 
 1. ``grad_stats`` (only when non-finite skipping or clipping is asked for): per model, the sum
    of squares of ``g / grad_scale`` and whether any of them is inf/NaN;
-2. the update: ``*_coefficients`` turns the hyperparameters, step counts and step 1's results
+2. the update: :func:`coefficients` turns the hyperparameters, step counts and step 1's results
    into one row of scalars per (parameter group, model), in the parameters' dtype (bias
-   corrections, ``1 - beta``, the gradient multiplier ``±clip / grad_scale``, ...), and
-   ``*_update`` applies the element function with those scalars.
+   corrections, ``1 - beta``, the gradient multiplier ``±clip / grad_scale``, ...), and the
+   optimizer's update kernel applies the element function with those scalars.
 
-Work is described by a *chunk table*, int64 of shape (n_chunks, 6), columns ``PTR, MODEL, ROW,
-LO, HI, STATE``: elements [LO, HI) of the array whose address is ``param_addresses[PTR]`` (and
-``grad_addresses[PTR]``), belonging to model MODEL, updated with coefficient row ROW; their
-optimizer state is at [STATE, STATE + HI - LO) of the flat state arrays. A flat parameter
-buffer is one address and many chunks; separate arrays are one address each.
+Every table is laid out by name (:data:`CHUNK`, :data:`MODEL`, and per optimizer the
+hyperparameter and coefficient columns of :data:`ALGORITHMS`): namedtuples of column numbers,
+which numba reads as compile-time constants, so the host, the CPU loops and the CUDA kernels
+index the same names.
+
+Work is described by a *chunk table*, int64 of shape (n_chunks, len(CHUNK)): elements
+[lo, hi) of the array whose address is ``param_addresses[ptr]`` (and ``grad_addresses[ptr]``),
+belonging to model ``model``, updated with coefficient row ``row``; their optimizer state is at
+[state, state + hi - lo) of the flat state arrays. A flat parameter buffer is one address and
+many chunks; separate arrays are one address each.
 """
 
+import itertools
 import math
+from collections import namedtuple
 
 import numpy as np
 from numba import njit, prange
@@ -29,15 +36,36 @@ from .config import CPU_OPTIONS, cpu_kernel_pair
 from .floats import is_finite
 from .pointers import view
 
-PTR, MODEL, ROW, LO, HI, STATE = range(6)
 
-# Columns of the per-model table the host fills: 1 / grad_scale, max_grad_norm (0: no
-# clipping), skip non-finite steps (0 / 1), EMA decay (0: no EMA). The kernel writes GMUL.
-INV_SCALE, MAX_NORM, SKIP, EMA_DECAY, GMUL = range(5)
-MODEL_COLUMNS = 5
+def columns(names, first=0):
+    """A namedtuple of column numbers: the i-th of the space-separated ``names`` is column
+    ``first + i``. ``len()`` of it is the number of columns after ``first``."""
+    names = names.split()
+    return namedtuple("Columns", names)(*range(first, first + len(names)))
 
-# Leading columns of every coefficient row; each optimizer's own follow.
-C_GRAD, C_WD, C_EMA_KEEP, C_EMA_GAIN = range(4)
+
+CHUNK = columns("ptr model row lo hi state")
+
+# The per-model table the host fills: 1 / grad_scale, max_grad_norm (0: no clipping), skip
+# non-finite steps (0 / 1), EMA decay (0: no EMA). ``advance_models`` writes grad_multiplier.
+MODEL = columns("inv_scale max_norm skip ema_decay grad_multiplier")
+
+# Coefficient rows: the columns every optimizer shares (``grad`` multiplies g: ±clip /
+# grad_scale; ``weight_decay`` is L2's, 0 for AdamW), then each optimizer's own.
+COMMON = "grad weight_decay ema_keep ema_gain"
+SHARED = columns(COMMON)
+SGD = columns(COMMON + " lr buf_keep buf_gain momentum nesterov use_buf")
+MOMENTUM = columns(COMMON + " lr beta one_minus_beta")
+RMSPROP = columns(COMMON + " lr alpha one_minus_alpha eps momentum centered use_buf")
+ADAM = columns(COMMON + " decay beta1 one_minus_beta1 beta2 one_minus_beta2 step_size "
+                        "bias_correction2_sqrt eps amsgrad")
+
+# Hyperparameter columns of the host's float64 (groups, K, columns) table, in the order of
+# each optimizer's keywords (``betas`` takes two).
+SGD_HYPER = columns("lr momentum dampening weight_decay nesterov maximize")
+MOMENTUM_HYPER = columns("lr beta weight_decay maximize")
+RMSPROP_HYPER = columns("lr alpha eps weight_decay momentum centered maximize")
+ADAM_HYPER = columns("lr beta1 beta2 eps weight_decay amsgrad maximize")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,10 +126,22 @@ def adam_element(p, g, m, v, vmax, gmul, wd, decay, beta1, one_minus_beta1, beta
     return p - step_size * (m / denom), m, v, vmax
 
 
+def shared_coefficients(r):
+    """The columns every coefficient row starts with: gmul, wd, ema_keep, ema_gain."""
+    return r[SHARED.grad], r[SHARED.weight_decay], r[SHARED.ema_keep], r[SHARED.ema_gain]
+
+
+def ema_element(ema, p, keep, gain):
+    """Step 7, EMA weights: ema = d * ema + (1 - d) * p (keep = d, gain = 1 - d)."""
+    return keep * ema + gain * p
+
+
 _sgd = njit(inline="always", **CPU_OPTIONS)(sgd_element)
 _momentum = njit(inline="always", **CPU_OPTIONS)(momentum_element)
 _rmsprop = njit(inline="always", **CPU_OPTIONS)(rmsprop_element)
 _adam = njit(inline="always", **CPU_OPTIONS)(adam_element)
+_ema = njit(inline="always", **CPU_OPTIONS)(ema_element)
+_shared = njit(inline="always", **CPU_OPTIONS)(shared_coefficients)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,8 +156,9 @@ def _grad_stats(grad_addresses, chunks, model, like, chunk_sumsq, chunk_nonfinit
     tell a real inf/NaN from squares of huge float64 values overflowing.
     """
     for c in prange(chunks.shape[0]):
-        g = view(grad_addresses[chunks[c, PTR]], chunks[c, LO], chunks[c, HI], like)
-        inv_scale = g.dtype.type(model[chunks[c, MODEL], INV_SCALE])
+        g = view(grad_addresses[chunks[c, CHUNK.ptr]], chunks[c, CHUNK.lo], chunks[c, CHUNK.hi],
+                 like)
+        inv_scale = g.dtype.type(model[chunks[c, CHUNK.model], MODEL.inv_scale])
         sumsq = 0.0
         for i in range(g.shape[0]):
             x = np.float64(g[i] * inv_scale)
@@ -138,7 +179,7 @@ def _reduce_per_model(chunks, chunk_sumsq, chunk_nonfinite, sumsq, nonfinite):
     sumsq[:] = 0.0
     nonfinite[:] = False
     for c in range(chunks.shape[0]):
-        k = chunks[c, MODEL]
+        k = chunks[c, CHUNK.model]
         sumsq[k] += chunk_sumsq[c]
         nonfinite[k] |= chunk_nonfinite[c]
 
@@ -153,271 +194,262 @@ def grad_stats(grad_addresses, chunks, model, like, parallel, sumsq, nonfinite):
 
 
 # ---------------------------------------------------------------------------------------------
-# Coefficients: host-side scalar math in float64, stored in the parameters' dtype.
+# Coefficients: host-side scalar math in float64, stored in the parameters' dtype;
+# ``decoupled`` (AdamW's weight decay) only matters to Adam's. The flag columns (an
+# optimizer's ``Algorithm.flags``: which state a row touches) change only with the
+# hyperparameters: the host writes them, and the row builders leave them alone.
 # ---------------------------------------------------------------------------------------------
 
 @njit(**CPU_OPTIONS)
 def _advance_models(model, sumsq, nonfinite, steps, active):
     """Decide per model whether it steps, count the step, and set its gradient multiplier."""
     for k in range(model.shape[0]):
-        inv_scale = model[k, INV_SCALE]
-        skip = model[k, SKIP] != 0 and nonfinite[k]
+        skip = model[k, MODEL.skip] != 0 and nonfinite[k]
         active[k] = not skip
         clip = 1.0
-        max_norm = model[k, MAX_NORM]
+        max_norm = model[k, MODEL.max_norm]
         if max_norm > 0:
             # PyTorch's clip_grad_norm_: clamp(max_norm / (norm + 1e-6), max=1); NaN stays NaN.
             ratio = max_norm / (math.sqrt(sumsq[k]) + 1e-6)
             clip = 1.0 if ratio >= 1.0 else ratio
-        model[k, GMUL] = inv_scale * clip
+        model[k, MODEL.grad_multiplier] = model[k, MODEL.inv_scale] * clip
         if not skip:
             steps[k] += 1
 
 
 @njit(inline="always", **CPU_OPTIONS)
 def _common_columns(row, model_row, maximize, l2):
-    gmul = model_row[GMUL]
-    row[C_GRAD] = -gmul if maximize != 0 else gmul
-    row[C_WD] = l2
-    ema_decay = model_row[EMA_DECAY]
-    row[C_EMA_KEEP] = ema_decay
-    row[C_EMA_GAIN] = 1.0 - ema_decay
+    gmul = model_row[MODEL.grad_multiplier]
+    row[SHARED.grad] = -gmul if maximize != 0 else gmul
+    row[SHARED.weight_decay] = l2
+    ema_decay = model_row[MODEL.ema_decay]
+    row[SHARED.ema_keep] = ema_decay
+    row[SHARED.ema_gain] = 1.0 - ema_decay
 
 
-# hyper (G, K, F) float64 columns, per optimizer.
-SGD_HYPER = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
-MOMENTUM_HYPER = ("lr", "beta", "weight_decay", "maximize")
-RMSPROP_HYPER = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
-ADAM_HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize")
+# One row per optimizer: ``h`` its hyperparameters, ``t`` the model's step count.
 
-SGD_COLUMNS, MOMENTUM_COLUMNS, RMSPROP_COLUMNS, ADAM_COLUMNS = 10, 8, 12, 14
+@njit(inline="always", **CPU_OPTIONS)
+def _sgd_row(row, h, t, model_row, decoupled):
+    H = SGD_HYPER
+    _common_columns(row, model_row, h[H.maximize], h[H.weight_decay])
+    first = t == 1
+    row[SGD.lr] = h[H.lr]
+    row[SGD.buf_keep] = 0.0 if first else h[H.momentum]
+    row[SGD.buf_gain] = 1.0 if first else 1.0 - h[H.dampening]
+    row[SGD.momentum] = h[H.momentum]
+    row[SGD.nesterov] = h[H.nesterov]
+
+
+@njit(inline="always", **CPU_OPTIONS)
+def _momentum_row(row, h, t, model_row, decoupled):
+    H = MOMENTUM_HYPER
+    _common_columns(row, model_row, h[H.maximize], h[H.weight_decay])
+    row[MOMENTUM.lr] = h[H.lr]
+    row[MOMENTUM.beta] = h[H.beta]
+    row[MOMENTUM.one_minus_beta] = 1.0 - h[H.beta]
+
+
+@njit(inline="always", **CPU_OPTIONS)
+def _rmsprop_row(row, h, t, model_row, decoupled):
+    H = RMSPROP_HYPER
+    _common_columns(row, model_row, h[H.maximize], h[H.weight_decay])
+    row[RMSPROP.lr] = h[H.lr]
+    row[RMSPROP.alpha] = h[H.alpha]
+    row[RMSPROP.one_minus_alpha] = 1.0 - h[H.alpha]
+    row[RMSPROP.eps] = h[H.eps]
+    row[RMSPROP.momentum] = h[H.momentum]
+
+
+@njit(inline="always", **CPU_OPTIONS)
+def _adam_row(row, h, t, model_row, decoupled):
+    H = ADAM_HYPER
+    lr, wd = h[H.lr], h[H.weight_decay]
+    _common_columns(row, model_row, h[H.maximize], 0.0 if decoupled else wd)
+    row[ADAM.decay] = 1.0 - lr * wd if decoupled else 1.0
+    row[ADAM.beta1] = h[H.beta1]
+    row[ADAM.one_minus_beta1] = 1.0 - h[H.beta1]
+    row[ADAM.beta2] = h[H.beta2]
+    row[ADAM.one_minus_beta2] = 1.0 - h[H.beta2]
+    row[ADAM.step_size] = lr / (1.0 - h[H.beta1] ** t)
+    row[ADAM.bias_correction2_sqrt] = math.sqrt(1.0 - h[H.beta2] ** t)
+    row[ADAM.eps] = h[H.eps]
+
+
+SGD_KIND, MOMENTUM_KIND, RMSPROP_KIND, ADAM_KIND = range(4)
 
 
 @njit(**CPU_OPTIONS)
-def sgd_coefficients(hyper, model, sumsq, nonfinite, steps, active, coef):
+def coefficients(kind, hyper, model, sumsq, nonfinite, steps, active, coef, decoupled):
+    """Advance the models (skip, count, gradient multiplier), then fill coefficient row
+    g * K + k of every group g and model k for optimizer ``kind``: hyper (G, K, F) float64,
+    coef (G * K, columns) in the parameters' dtype."""
     _advance_models(model, sumsq, nonfinite, steps, active)
     n_groups, n_models = hyper.shape[0], hyper.shape[1]
     for grp in range(n_groups):
         for k in range(n_models):
-            lr, momentum, dampening, wd, nesterov, maximize = hyper[grp, k, :6]
-            row = coef[grp * n_models + k]
-            _common_columns(row, model[k], maximize, wd)
-            first = steps[k] == 1
-            row[4] = lr
-            row[5] = 0.0 if first else momentum
-            row[6] = 1.0 if first else 1.0 - dampening
-            row[7] = momentum
-            row[8] = nesterov
-            row[9] = momentum != 0
-
-
-@njit(**CPU_OPTIONS)
-def momentum_coefficients(hyper, model, sumsq, nonfinite, steps, active, coef):
-    _advance_models(model, sumsq, nonfinite, steps, active)
-    n_groups, n_models = hyper.shape[0], hyper.shape[1]
-    for grp in range(n_groups):
-        for k in range(n_models):
-            lr, beta, wd, maximize = hyper[grp, k, :4]
-            row = coef[grp * n_models + k]
-            _common_columns(row, model[k], maximize, wd)
-            row[4] = lr
-            row[5] = beta
-            row[6] = 1.0 - beta
-
-
-@njit(**CPU_OPTIONS)
-def rmsprop_coefficients(hyper, model, sumsq, nonfinite, steps, active, coef):
-    _advance_models(model, sumsq, nonfinite, steps, active)
-    n_groups, n_models = hyper.shape[0], hyper.shape[1]
-    for grp in range(n_groups):
-        for k in range(n_models):
-            lr, alpha, eps, wd, momentum, centered, maximize = hyper[grp, k, :7]
-            row = coef[grp * n_models + k]
-            _common_columns(row, model[k], maximize, wd)
-            row[4] = lr
-            row[5] = alpha
-            row[6] = 1.0 - alpha
-            row[7] = eps
-            row[8] = momentum
-            row[9] = centered
-            row[10] = momentum > 0
-
-
-@njit(**CPU_OPTIONS)
-def adam_coefficients(hyper, model, sumsq, nonfinite, steps, active, coef, decoupled):
-    _advance_models(model, sumsq, nonfinite, steps, active)
-    n_groups, n_models = hyper.shape[0], hyper.shape[1]
-    for grp in range(n_groups):
-        for k in range(n_models):
-            lr, beta1, beta2, eps, wd, amsgrad, maximize = hyper[grp, k, :7]
-            row = coef[grp * n_models + k]
-            _common_columns(row, model[k], maximize, 0.0 if decoupled else wd)
-            t = steps[k]
-            row[4] = 1.0 - lr * wd if decoupled else 1.0
-            row[5] = beta1
-            row[6] = 1.0 - beta1
-            row[7] = beta2
-            row[8] = 1.0 - beta2
-            row[9] = lr / (1.0 - beta1 ** t)
-            row[10] = math.sqrt(1.0 - beta2 ** t)
-            row[11] = eps
-            row[12] = amsgrad
+            row, h, t = coef[grp * n_models + k], hyper[grp, k], steps[k]
+            if kind == SGD_KIND:
+                _sgd_row(row, h, t, model[k], decoupled)
+            elif kind == MOMENTUM_KIND:
+                _momentum_row(row, h, t, model[k], decoupled)
+            elif kind == RMSPROP_KIND:
+                _rmsprop_row(row, h, t, model[k], decoupled)
+            else:
+                _adam_row(row, h, t, model[k], decoupled)
 
 
 # ---------------------------------------------------------------------------------------------
 # Pass 2: the fused updates, CPU. One prange over the chunk table. Per chunk, the coefficients
-# are loaded into scalars and the loop over the chunk's elements is specialized on the flags
-# that decide which state is read and written (amsgrad's vmax, EMA, ...): each ``*_chunk``
-# function is inlined at call sites that pass literal True/False, so LLVM drops the branches
-# and vectorizes. (With the branches left in, fused Adam ran at ~35 GB/s instead of ~55.)
+# are loaded into scalars and the loop over the chunk's elements runs the element function.
+# The flags that decide which state is read and written (amsgrad's vmax, EMA, ...) are
+# compile-time constants of each update: ``update_kernel`` makes one per combination (a
+# closure over the flags), so LLVM drops the branches and vectorizes. (With the branches
+# left in, fused Adam ran at ~35 GB/s instead of ~55.) The host runs, per step, the driver of
+# each combination its coefficient rows have (one, unless groups or models differ in them);
+# unused state arrays are zero-length placeholders, sliced but never read.
 # ---------------------------------------------------------------------------------------------
 
 @njit(inline="always", **CPU_OPTIONS)
 def _chunk_views(param_addresses, grad_addresses, chunks, c, like):
-    lo, hi = chunks[c, LO], chunks[c, HI]
-    p = view(param_addresses[chunks[c, PTR]], lo, hi, like)
-    g = view(grad_addresses[chunks[c, PTR]], lo, hi, like)
-    return p, g, chunks[c, STATE], chunks[c, STATE] + hi - lo
+    lo, hi = chunks[c, CHUNK.lo], chunks[c, CHUNK.hi]
+    p = view(param_addresses[chunks[c, CHUNK.ptr]], lo, hi, like)
+    g = view(grad_addresses[chunks[c, CHUNK.ptr]], lo, hi, like)
+    return p, g, chunks[c, CHUNK.state], chunks[c, CHUNK.state] + hi - lo
+
+
+@njit(inline="always", **CPU_OPTIONS)
+def _store(p, e, i, pi, ema_keep, ema_gain, use_ema):
+    """p[i] = pi, and step 7 (the EMA weights) on it when ``use_ema``."""
+    p[i] = pi
+    if use_ema:
+        e[i] = _ema(e[i], pi, ema_keep, ema_gain)
 
 
 @njit(inline="always", **CPU_OPTIONS)
 def _sgd_chunk(p, g, buf, e, r, use_buf, use_ema):
-    gmul, wd, ema_keep, ema_gain = r[C_GRAD], r[C_WD], r[C_EMA_KEEP], r[C_EMA_GAIN]
-    lr, buf_keep, buf_gain, momentum, nesterov = r[4], r[5], r[6], r[7], r[8] != 0
+    gmul, wd, ema_keep, ema_gain = _shared(r)
+    lr, buf_keep, buf_gain, momentum = r[SGD.lr], r[SGD.buf_keep], r[SGD.buf_gain], \
+        r[SGD.momentum]
+    nesterov = r[SGD.nesterov] != 0
     for i in range(p.shape[0]):
         b = buf[i] if use_buf else gmul
         pi, b = _sgd(p[i], g[i], b, gmul, wd, lr, buf_keep, buf_gain, momentum, nesterov,
                      use_buf)
-        p[i] = pi
         if use_buf:
             buf[i] = b
-        if use_ema:
-            e[i] = ema_keep * e[i] + ema_gain * pi
-
-
-def _sgd_update(param_addresses, grad_addresses, chunks, coef, active, buf, ema):
-    for c in prange(chunks.shape[0]):
-        if active[chunks[c, MODEL]]:
-            p, g, s0, s1 = _chunk_views(param_addresses, grad_addresses, chunks, c, coef)
-            r = coef[chunks[c, ROW]]
-            if r[9] != 0:
-                if ema.shape[0] > 0:
-                    _sgd_chunk(p, g, buf[s0:s1], ema[s0:s1], r, True, True)
-                else:
-                    _sgd_chunk(p, g, buf[s0:s1], ema, r, True, False)
-            elif ema.shape[0] > 0:
-                _sgd_chunk(p, g, buf, ema[s0:s1], r, False, True)
-            else:
-                _sgd_chunk(p, g, buf, ema, r, False, False)
+        _store(p, e, i, pi, ema_keep, ema_gain, use_ema)
 
 
 @njit(inline="always", **CPU_OPTIONS)
 def _momentum_chunk(p, g, v, e, r, use_ema):
-    gmul, wd, ema_keep, ema_gain = r[C_GRAD], r[C_WD], r[C_EMA_KEEP], r[C_EMA_GAIN]
-    lr, beta, one_minus_beta = r[4], r[5], r[6]
+    gmul, wd, ema_keep, ema_gain = _shared(r)
+    lr, beta, one_minus_beta = r[MOMENTUM.lr], r[MOMENTUM.beta], r[MOMENTUM.one_minus_beta]
     for i in range(p.shape[0]):
         pi, v[i] = _momentum(p[i], g[i], v[i], gmul, wd, lr, beta, one_minus_beta)
-        p[i] = pi
-        if use_ema:
-            e[i] = ema_keep * e[i] + ema_gain * pi
-
-
-def _momentum_update(param_addresses, grad_addresses, chunks, coef, active, velocity, ema):
-    for c in prange(chunks.shape[0]):
-        if active[chunks[c, MODEL]]:
-            p, g, s0, s1 = _chunk_views(param_addresses, grad_addresses, chunks, c, coef)
-            r = coef[chunks[c, ROW]]
-            if ema.shape[0] > 0:
-                _momentum_chunk(p, g, velocity[s0:s1], ema[s0:s1], r, True)
-            else:
-                _momentum_chunk(p, g, velocity[s0:s1], ema, r, False)
+        _store(p, e, i, pi, ema_keep, ema_gain, use_ema)
 
 
 @njit(inline="always", **CPU_OPTIONS)
 def _rmsprop_chunk(p, g, sq, ga, buf, e, r, centered, use_buf, use_ema):
-    gmul, wd, ema_keep, ema_gain = r[C_GRAD], r[C_WD], r[C_EMA_KEEP], r[C_EMA_GAIN]
-    lr, alpha, one_minus_alpha, eps, momentum = r[4], r[5], r[6], r[7], r[8]
+    gmul, wd, ema_keep, ema_gain = _shared(r)
+    lr, alpha, one_minus_alpha = r[RMSPROP.lr], r[RMSPROP.alpha], r[RMSPROP.one_minus_alpha]
+    eps, momentum = r[RMSPROP.eps], r[RMSPROP.momentum]
     for i in range(p.shape[0]):
         a = ga[i] if centered else gmul
         b = buf[i] if use_buf else gmul
         pi, sq[i], a, b = _rmsprop(p[i], g[i], sq[i], a, b, gmul, wd, lr, alpha,
                                    one_minus_alpha, eps, momentum, centered, use_buf)
-        p[i] = pi
         if centered:
             ga[i] = a
         if use_buf:
             buf[i] = b
-        if use_ema:
-            e[i] = ema_keep * e[i] + ema_gain * pi
-
-
-def _rmsprop_update(param_addresses, grad_addresses, chunks, coef, active, square_avg,
-                    grad_avg, buf, ema):
-    for c in prange(chunks.shape[0]):
-        if active[chunks[c, MODEL]]:
-            p, g, s0, s1 = _chunk_views(param_addresses, grad_addresses, chunks, c, coef)
-            r = coef[chunks[c, ROW]]
-            sq = square_avg[s0:s1]
-            ga = grad_avg[s0:s1] if r[9] != 0 else grad_avg
-            b = buf[s0:s1] if r[10] != 0 else buf
-            e = ema[s0:s1] if ema.shape[0] > 0 else ema
-            if r[9] != 0:
-                if r[10] != 0:
-                    if ema.shape[0] > 0:
-                        _rmsprop_chunk(p, g, sq, ga, b, e, r, True, True, True)
-                    else:
-                        _rmsprop_chunk(p, g, sq, ga, b, e, r, True, True, False)
-                elif ema.shape[0] > 0:
-                    _rmsprop_chunk(p, g, sq, ga, b, e, r, True, False, True)
-                else:
-                    _rmsprop_chunk(p, g, sq, ga, b, e, r, True, False, False)
-            elif r[10] != 0:
-                if ema.shape[0] > 0:
-                    _rmsprop_chunk(p, g, sq, ga, b, e, r, False, True, True)
-                else:
-                    _rmsprop_chunk(p, g, sq, ga, b, e, r, False, True, False)
-            elif ema.shape[0] > 0:
-                _rmsprop_chunk(p, g, sq, ga, b, e, r, False, False, True)
-            else:
-                _rmsprop_chunk(p, g, sq, ga, b, e, r, False, False, False)
+        _store(p, e, i, pi, ema_keep, ema_gain, use_ema)
 
 
 @njit(inline="always", **CPU_OPTIONS)
 def _adam_chunk(p, g, m, v, vmax, e, r, amsgrad, use_ema):
-    gmul, wd, ema_keep, ema_gain = r[C_GRAD], r[C_WD], r[C_EMA_KEEP], r[C_EMA_GAIN]
-    decay, beta1, one_minus_beta1, beta2 = r[4], r[5], r[6], r[7]
-    one_minus_beta2, step_size, bias_correction2_sqrt, eps = r[8], r[9], r[10], r[11]
+    gmul, wd, ema_keep, ema_gain = _shared(r)
+    decay, beta1, one_minus_beta1 = r[ADAM.decay], r[ADAM.beta1], r[ADAM.one_minus_beta1]
+    beta2, one_minus_beta2 = r[ADAM.beta2], r[ADAM.one_minus_beta2]
+    step_size, bias_correction2_sqrt = r[ADAM.step_size], r[ADAM.bias_correction2_sqrt]
+    eps = r[ADAM.eps]
     for i in range(p.shape[0]):
         vm = vmax[i] if amsgrad else gmul
         pi, m[i], v[i], vm = _adam(p[i], g[i], m[i], v[i], vm, gmul, wd, decay, beta1,
                                    one_minus_beta1, beta2, one_minus_beta2, step_size,
                                    bias_correction2_sqrt, eps, amsgrad)
-        p[i] = pi
         if amsgrad:
             vmax[i] = vm
-        if use_ema:
-            e[i] = ema_keep * e[i] + ema_gain * pi
+        _store(p, e, i, pi, ema_keep, ema_gain, use_ema)
 
 
-def _adam_update(param_addresses, grad_addresses, chunks, coef, active, exp_avg, exp_avg_sq,
-                 max_exp_avg_sq, ema):
-    for c in prange(chunks.shape[0]):
-        if active[chunks[c, MODEL]]:
-            p, g, s0, s1 = _chunk_views(param_addresses, grad_addresses, chunks, c, coef)
-            r = coef[chunks[c, ROW]]
-            m, v = exp_avg[s0:s1], exp_avg_sq[s0:s1]
-            if r[12] != 0:
-                if ema.shape[0] > 0:
-                    _adam_chunk(p, g, m, v, max_exp_avg_sq[s0:s1], ema[s0:s1], r, True, True)
+def _driver(kind, flag0, flag1, use_ema):
+    """The CPU update of optimizer ``kind`` with its flags (``Algorithm.flags``, padded with
+    False to two) and ``use_ema`` fixed: a closure whose constants numba folds, so only the
+    chosen optimizer's loop is compiled, without the flags' branches. Every optimizer takes
+    three state arrays (zero-length placeholders for those it has not)."""
+
+    def update(param_addresses, grad_addresses, chunks, coef, active, state0, state1, state2,
+               ema):
+        for c in prange(chunks.shape[0]):
+            if active[chunks[c, CHUNK.model]]:
+                p, g, s0, s1 = _chunk_views(param_addresses, grad_addresses, chunks, c, coef)
+                a, b, d, e = state0[s0:s1], state1[s0:s1], state2[s0:s1], ema[s0:s1]
+                r = coef[chunks[c, CHUNK.row]]
+                if kind == SGD_KIND:
+                    _sgd_chunk(p, g, a, e, r, flag0, use_ema)
+                elif kind == MOMENTUM_KIND:
+                    _momentum_chunk(p, g, a, e, r, use_ema)
+                elif kind == RMSPROP_KIND:
+                    _rmsprop_chunk(p, g, a, b, d, e, r, flag0, flag1, use_ema)
                 else:
-                    _adam_chunk(p, g, m, v, max_exp_avg_sq[s0:s1], ema, r, True, False)
-            elif ema.shape[0] > 0:
-                _adam_chunk(p, g, m, v, max_exp_avg_sq, ema[s0:s1], r, False, True)
-            else:
-                _adam_chunk(p, g, m, v, max_exp_avg_sq, ema, r, False, False)
+                    _adam_chunk(p, g, a, b, d, e, r, flag0, use_ema)
+
+    return update
 
 
-sgd_update = cpu_kernel_pair(_sgd_update)
-momentum_update = cpu_kernel_pair(_momentum_update)
-rmsprop_update = cpu_kernel_pair(_rmsprop_update)
-adam_update = cpu_kernel_pair(_adam_update)
+# ---------------------------------------------------------------------------------------------
+# The table of optimizers: what the host needs to run each one.
+# ---------------------------------------------------------------------------------------------
+
+Algorithm = namedtuple("Algorithm", "hyper coef kind flags state")
+Algorithm.__doc__ = """One optimizer's kernels and layout.
+
+``hyper`` / ``coef``: its hyperparameter and coefficient columns; ``kind``: its number for
+:func:`coefficients` and the CPU update; ``flags``: the names of its flag columns in ``coef``
+(per row: which state the row touches; :func:`update_kernel` specializes on them);
+``state``: (name, flag) of each state buffer, in the update kernel's argument order
+(PyTorch's names), the flag None for a buffer every row needs.
+"""
+
+ALGORITHMS = {
+    "sgd": Algorithm(SGD_HYPER, SGD, SGD_KIND, ("use_buf",),
+                     (("momentum_buffer", "use_buf"),)),
+    "momentum": Algorithm(MOMENTUM_HYPER, MOMENTUM, MOMENTUM_KIND, (), (("velocity", None),)),
+    "rmsprop": Algorithm(RMSPROP_HYPER, RMSPROP, RMSPROP_KIND, ("centered", "use_buf"),
+                         (("square_avg", None), ("grad_avg", "centered"),
+                          ("momentum_buffer", "use_buf"))),
+    "adam": Algorithm(ADAM_HYPER, ADAM, ADAM_KIND, ("amsgrad",),
+                      (("exp_avg", None), ("exp_avg_sq", None), ("max_exp_avg_sq", "amsgrad"))),
+}
+
+_UPDATE_KERNELS = {}
+
+
+def update_kernel(algorithm, flags, use_ema, parallel):
+    """The CPU update of ``algorithm`` specialized on ``flags`` (bools, in the order of its
+    ``Algorithm.flags``) and ``use_ema``: serial or parallel. Compiled on first use (and cached
+    on disk: each specialization is a closure over its flags, which numba's cache keys on)."""
+    key = (algorithm, tuple(flags), use_ema)
+    pair = _UPDATE_KERNELS.get(key)
+    if pair is None:
+        flag0, flag1 = (tuple(flags) + (False, False))[:2]
+        pair = _UPDATE_KERNELS[key] = cpu_kernel_pair(
+            _driver(ALGORITHMS[algorithm].kind, flag0, flag1, use_ema))
+    return pair[1] if parallel else pair[0]
+
+
+def flag_combinations(algorithm):
+    """Every combination of ``algorithm``'s flags, in a fixed order."""
+    return list(itertools.product((False, True), repeat=len(ALGORITHMS[algorithm].flags)))

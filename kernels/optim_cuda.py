@@ -26,12 +26,14 @@ from .cudalib import (
     device_function,
     kernel,
 )
-from .optim import C_EMA_GAIN, C_EMA_KEEP, C_GRAD, C_WD, HI, LO, MODEL, PTR, ROW, STATE
+from .optim import ADAM, CHUNK, MOMENTUM, RMSPROP, SGD
 
 _sgd = device_function(cpu.sgd_element)
 _momentum = device_function(cpu.momentum_element)
 _rmsprop = device_function(cpu.rmsprop_element)
 _adam = device_function(cpu.adam_element)
+_ema = device_function(cpu.ema_element)
+_shared = device_function(cpu.shared_coefficients)
 
 DTYPES = (np.float32, np.float64)
 
@@ -49,21 +51,32 @@ def _signatures(n_state):
 
 def _thread_range(chunks, c):
     """This thread's first element, the end, and the state offset of element 0."""
-    lo, hi = chunks[c, LO], chunks[c, HI]
-    return lo + cuda.threadIdx.x, hi, chunks[c, STATE] - lo
+    lo, hi = chunks[c, CHUNK.lo], chunks[c, CHUNK.hi]
+    return lo + cuda.threadIdx.x, hi, chunks[c, CHUNK.state] - lo
 
 
 _thread_range = device_function(_thread_range)
 
 
+def _operands(params, grads, chunks, coef, c):
+    """Chunk c's parameter and gradient arrays and its coefficient row."""
+    ptr = chunks[c, CHUNK.ptr]
+    return params[ptr], grads[ptr], coef[chunks[c, CHUNK.row]]
+
+
+_operands = device_function(_operands)
+
+
 @kernel(_signatures(1))
 def sgd_update_cuda(params, grads, chunks, coef, active, buf, ema):
     for c in range(cuda.blockIdx.x, chunks.shape[0], cuda.gridDim.x):
-        if active[chunks[c, MODEL]]:
-            p, g, r = params[chunks[c, PTR]], grads[chunks[c, PTR]], coef[chunks[c, ROW]]
-            gmul, wd, ema_keep, ema_gain = r[C_GRAD], r[C_WD], r[C_EMA_KEEP], r[C_EMA_GAIN]
-            lr, buf_keep, buf_gain, momentum = r[4], r[5], r[6], r[7]
-            nesterov, use_buf, use_ema = r[8] != 0, r[9] != 0, ema.shape[0] > 0
+        if active[chunks[c, CHUNK.model]]:
+            p, g, r = _operands(params, grads, chunks, coef, c)
+            gmul, wd, ema_keep, ema_gain = _shared(r)
+            lr, buf_keep, buf_gain, momentum = r[SGD.lr], r[SGD.buf_keep], r[SGD.buf_gain], \
+                r[SGD.momentum]
+            nesterov, use_buf = r[SGD.nesterov] != 0, r[SGD.use_buf] != 0
+            use_ema = ema.shape[0] > 0
             start, stop, s = _thread_range(chunks, c)
             for i in range(start, stop, cuda.blockDim.x):
                 b = buf[s + i] if use_buf else gmul
@@ -73,16 +86,17 @@ def sgd_update_cuda(params, grads, chunks, coef, active, buf, ema):
                 if use_buf:
                     buf[s + i] = b
                 if use_ema:
-                    ema[s + i] = ema_keep * ema[s + i] + ema_gain * pi
+                    ema[s + i] = _ema(ema[s + i], pi, ema_keep, ema_gain)
 
 
 @kernel(_signatures(1))
 def momentum_update_cuda(params, grads, chunks, coef, active, velocity, ema):
     for c in range(cuda.blockIdx.x, chunks.shape[0], cuda.gridDim.x):
-        if active[chunks[c, MODEL]]:
-            p, g, r = params[chunks[c, PTR]], grads[chunks[c, PTR]], coef[chunks[c, ROW]]
-            gmul, wd, ema_keep, ema_gain = r[C_GRAD], r[C_WD], r[C_EMA_KEEP], r[C_EMA_GAIN]
-            lr, beta, one_minus_beta = r[4], r[5], r[6]
+        if active[chunks[c, CHUNK.model]]:
+            p, g, r = _operands(params, grads, chunks, coef, c)
+            gmul, wd, ema_keep, ema_gain = _shared(r)
+            lr, beta = r[MOMENTUM.lr], r[MOMENTUM.beta]
+            one_minus_beta = r[MOMENTUM.one_minus_beta]
             use_ema = ema.shape[0] > 0
             start, stop, s = _thread_range(chunks, c)
             for i in range(start, stop, cuda.blockDim.x):
@@ -91,17 +105,20 @@ def momentum_update_cuda(params, grads, chunks, coef, active, velocity, ema):
                 p[i] = pi
                 velocity[s + i] = v
                 if use_ema:
-                    ema[s + i] = ema_keep * ema[s + i] + ema_gain * pi
+                    ema[s + i] = _ema(ema[s + i], pi, ema_keep, ema_gain)
 
 
 @kernel(_signatures(3))
 def rmsprop_update_cuda(params, grads, chunks, coef, active, square_avg, grad_avg, buf, ema):
     for c in range(cuda.blockIdx.x, chunks.shape[0], cuda.gridDim.x):
-        if active[chunks[c, MODEL]]:
-            p, g, r = params[chunks[c, PTR]], grads[chunks[c, PTR]], coef[chunks[c, ROW]]
-            gmul, wd, ema_keep, ema_gain = r[C_GRAD], r[C_WD], r[C_EMA_KEEP], r[C_EMA_GAIN]
-            lr, alpha, one_minus_alpha, eps, momentum = r[4], r[5], r[6], r[7], r[8]
-            centered, use_buf, use_ema = r[9] != 0, r[10] != 0, ema.shape[0] > 0
+        if active[chunks[c, CHUNK.model]]:
+            p, g, r = _operands(params, grads, chunks, coef, c)
+            gmul, wd, ema_keep, ema_gain = _shared(r)
+            lr, alpha, one_minus_alpha = r[RMSPROP.lr], r[RMSPROP.alpha], \
+                r[RMSPROP.one_minus_alpha]
+            eps, momentum = r[RMSPROP.eps], r[RMSPROP.momentum]
+            centered, use_buf = r[RMSPROP.centered] != 0, r[RMSPROP.use_buf] != 0
+            use_ema = ema.shape[0] > 0
             start, stop, s = _thread_range(chunks, c)
             for i in range(start, stop, cuda.blockDim.x):
                 a = grad_avg[s + i] if centered else gmul
@@ -116,19 +133,21 @@ def rmsprop_update_cuda(params, grads, chunks, coef, active, square_avg, grad_av
                 if use_buf:
                     buf[s + i] = b
                 if use_ema:
-                    ema[s + i] = ema_keep * ema[s + i] + ema_gain * pi
+                    ema[s + i] = _ema(ema[s + i], pi, ema_keep, ema_gain)
 
 
 @kernel(_signatures(3))
 def adam_update_cuda(params, grads, chunks, coef, active, exp_avg, exp_avg_sq, max_exp_avg_sq,
                      ema):
     for c in range(cuda.blockIdx.x, chunks.shape[0], cuda.gridDim.x):
-        if active[chunks[c, MODEL]]:
-            p, g, r = params[chunks[c, PTR]], grads[chunks[c, PTR]], coef[chunks[c, ROW]]
-            gmul, wd, ema_keep, ema_gain = r[C_GRAD], r[C_WD], r[C_EMA_KEEP], r[C_EMA_GAIN]
-            decay, beta1, one_minus_beta1, beta2 = r[4], r[5], r[6], r[7]
-            one_minus_beta2, step_size, bias_correction2_sqrt, eps = r[8], r[9], r[10], r[11]
-            amsgrad, use_ema = r[12] != 0, ema.shape[0] > 0
+        if active[chunks[c, CHUNK.model]]:
+            p, g, r = _operands(params, grads, chunks, coef, c)
+            gmul, wd, ema_keep, ema_gain = _shared(r)
+            decay, beta1, one_minus_beta1 = r[ADAM.decay], r[ADAM.beta1], r[ADAM.one_minus_beta1]
+            beta2, one_minus_beta2 = r[ADAM.beta2], r[ADAM.one_minus_beta2]
+            step_size, bias_correction2_sqrt = r[ADAM.step_size], r[ADAM.bias_correction2_sqrt]
+            eps, amsgrad = r[ADAM.eps], r[ADAM.amsgrad] != 0
+            use_ema = ema.shape[0] > 0
             start, stop, s = _thread_range(chunks, c)
             for i in range(start, stop, cuda.blockDim.x):
                 vm = max_exp_avg_sq[s + i] if amsgrad else gmul
@@ -141,7 +160,7 @@ def adam_update_cuda(params, grads, chunks, coef, active, exp_avg, exp_avg_sq, m
                 if amsgrad:
                     max_exp_avg_sq[s + i] = vm
                 if use_ema:
-                    ema[s + i] = ema_keep * ema[s + i] + ema_gain * pi
+                    ema[s + i] = _ema(ema[s + i], pi, ema_keep, ema_gain)
 
 
 UPDATES = {"sgd": sgd_update_cuda, "momentum": momentum_update_cuda,
@@ -165,11 +184,11 @@ def grad_stats_cuda(grads, chunks, inv_scale, chunk_sumsq, chunk_nonfinite):
     sums = cuda.shared.array(THREADS_PER_BLOCK, chunk_sumsq.dtype)
     flags = cuda.shared.array(THREADS_PER_BLOCK, types.int32)
     for c in range(cuda.blockIdx.x, chunks.shape[0], cuda.gridDim.x):
-        g = grads[chunks[c, PTR]]
-        scale = inv_scale[chunks[c, MODEL]]
+        g = grads[chunks[c, CHUNK.ptr]]
+        scale = inv_scale[chunks[c, CHUNK.model]]
         total = scale - scale  # zero in the dtype (a literal 0.0 would be float64)
         bad = 0
-        for i in range(chunks[c, LO] + tid, chunks[c, HI], cuda.blockDim.x):
+        for i in range(chunks[c, CHUNK.lo] + tid, chunks[c, CHUNK.hi], cuda.blockDim.x):
             x = g[i] * scale
             total += x * x
             if not math.isfinite(x):

@@ -222,15 +222,14 @@ def _items(size):
 
 
 def run(mode, z, labels, probs, grad_scale, rows_per_model, smoothing, ignore_index, view,
-        out):
+        out, loss):
     """One launch of the kernel of ``view`` = (K, outer, C, inner) (rows = K * outer): writes
-    ``out`` and returns the per-position losses, a device array (rows * inner,) of z's dtype
+    ``out`` and the per-position losses ``loss``, a device array (rows * inner,) of z's dtype
     (written for the cross-entropy modes only). ``labels`` / ``probs`` are flat device arrays
     or 1-element stand-ins; ``grad_scale`` (K,) and ``smoothing`` (3,) device arrays of z's
     dtype."""
     n_models, outer, n_classes, inner = view
     n_rows = n_models * outer
-    loss = cuda.device_array(n_rows * inner, z.dtype)
     if inner == 1:
         launch(softmax_rows_cuda, n_rows, z, labels, probs, grad_scale, rows_per_model,
                smoothing, ignore_index, mode, n_rows, n_classes, out, loss)
@@ -238,21 +237,17 @@ def run(mode, z, labels, probs, grad_scale, rows_per_model, smoothing, ignore_in
         launch(softmax_tiles_cuda, _items(n_rows * inner), z, labels, probs, grad_scale,
                rows_per_model, smoothing, ignore_index, mode, n_rows, n_classes, inner, out,
                loss)
-    return loss
 
 
-def sum_per_model(values, n_models, scale):
-    """(K,) device array: scale[k] * the sum of model k's share of ``values``."""
-    out = cuda.device_array(n_models, values.dtype)
+def sum_per_model(values, n_models, scale, out):
+    """out[k] (a (K,) device array) = scale[k] * the sum of model k's share of ``values``."""
     launch(sum_per_model_cuda, n_models, values, values.shape[0] // n_models, scale, out)
-    return out
 
 
-def label_counts(labels, n_models, n_classes, ignore_index):
+def label_counts(labels, n_models, n_classes, ignore_index, counts, bad):
     """Labels not ignored per model (host int64 (K,)) and the first label found out of
-    [0, n_classes) that is not ``ignore_index`` (or None): the one sync of the GPU path."""
-    counts = cuda.to_device(np.zeros(n_models, np.int64))
-    bad = cuda.to_device(np.zeros(2, np.int64))
+    [0, n_classes) that is not ``ignore_index`` (or None): the one sync of the GPU path.
+    ``counts`` (K,) and ``bad`` (2,): zeroed int64 device arrays the kernel writes."""
     launch(label_counts_cuda, _items(labels.shape[0]), labels, labels.shape[0] // n_models,
            n_classes, ignore_index, counts, bad)
     bad = bad.copy_to_host()

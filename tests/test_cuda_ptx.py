@@ -11,7 +11,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from fastdl._arrays import c_contiguous
+from fastdl._validate import c_contiguous
 from fastdl.device import is_device_array
 from fastdl.kernels import (  # noqa: F401  (importing registers the kernels)
     batchnorm_cuda,

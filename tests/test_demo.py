@@ -1,23 +1,25 @@
-"""The main job: ``python -m fastdl demo`` trains on the digits and reports; a few epochs reach
-the stated accuracy; the same seed gives the same numbers."""
+"""The main job: ``python -m fastdl demo`` trains on the digits and reports; a few epochs of
+:mod:`fastdl.training` reach the stated accuracy; the same seed gives the same numbers."""
 
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
-from fastdl import demo
+from fastdl import data, training
+from fastdl.jobs import demo
 
 
 def test_a_few_epochs_on_the_digits_reach_the_accuracy_band():
-    splits = demo.load_digits(seed=0)
-    model = demo.build_network(seed=0)
-    history = demo.train(model, splits, epochs=4)
+    splits = data.load_digits(seed=0)
+    model = training.build_network(seed=0)
+    history = training.train(model, splits, epochs=4)
     assert len(history.train_loss) == 4
     assert history.train_loss[-1] < history.train_loss[0]
     X_test, y_test = splits[2]
-    assert demo.accuracy(model, X_test, y_test) >= 0.93
+    assert training.accuracy(model, X_test, y_test) >= 0.93
     # SPEC's schedule: lr0 / (1 + 0.05 epoch)
     np.testing.assert_allclose(history.lr, [2e-3 / (1 + 0.05 * e) for e in range(4)])
 
@@ -25,18 +27,47 @@ def test_a_few_epochs_on_the_digits_reach_the_accuracy_band():
 def test_same_seed_same_numbers():
     runs = []
     for _ in range(2):
-        splits = demo.load_digits(seed=3)
-        history = demo.train(demo.build_network(seed=3), splits, epochs=2, seed=3)
+        splits = data.load_digits(seed=3)
+        history = training.train(training.build_network(seed=3), splits, epochs=2, seed=3)
         runs.append((history.train_loss, history.dev_loss))
     assert runs[0] == runs[1]
 
 
 def test_splits_are_normalized_with_training_statistics():
-    (X_train, y_train), (X_dev, _), (X_test, _) = demo.load_digits(seed=0)
+    (X_train, y_train), (X_dev, _), (X_test, _) = data.load_digits(seed=0)
     assert X_train.dtype == np.float32 and y_train.dtype == np.int64
     assert len(y_train) + len(X_dev) + len(X_test) == 1797
     np.testing.assert_allclose(X_train.mean(axis=0), 0, atol=1e-5)
     assert abs(X_dev.mean()) > 1e-4  # other splits are not re-centred on their own
+
+
+def test_evaluate_gives_loss_and_accuracy_and_restores_the_mode():
+    (X_train, y_train), (X_dev, y_dev), _ = splits = data.load_digits(seed=0)
+    model = training.build_network(seed=0)
+    training.train(model, splits, epochs=2)
+    assert model.training  # train leaves the model in training mode
+    loss, accuracy = training.evaluate(model, X_dev, y_dev)
+    assert model.training and isinstance(loss, float) and 0 < loss < 1
+    assert accuracy == training.accuracy(model, X_dev, y_dev) >= 0.9
+    model.eval()
+    training.evaluate(model, X_dev, y_dev)
+    assert not model.training
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda m, s: training.train(m, s, epochs=0), ValueError, "epochs"),
+    (lambda m, s: training.train(m, s, epochs=1.5), TypeError, "epochs"),
+    (lambda m, s: training.train(m, s, optimizer="adagrad"), ValueError, "optimizer"),
+    (lambda m, s: training.train(m, s, hyper={"learning_rate": 1e-3}), ValueError,
+     "learning_rate"),
+    (lambda m, s: training.train(m, s, optimizer="sgd", hyper={"beta1": 0.9}), ValueError,
+     "beta1"),
+    (lambda m, s: training.train_population(m, s, {}), ValueError, "population=K"),
+])
+def test_bad_training_input(call, error, match):
+    model = training.build_network(seed=0)
+    with pytest.raises(error, match=match):
+        call(model, data.load_digits(seed=0))
 
 
 def test_diagnosis_reads_bias_and_variance():

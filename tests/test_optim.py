@@ -87,8 +87,8 @@ def test_matches_reference(kind, hyper, options, size, dtype, rng):
 def test_parallel_and_serial_kernels_are_both_exercised(rng):
     small = fd.optim.Adam([np.zeros(7, np.float32)])
     large = fd.optim.Adam([np.zeros((200, 200), np.float32)])
-    assert not small._backend.parallel and large._backend.parallel
-    assert large._backend.separate.shape[0] >= 2  # both threads get work
+    assert not small._ops.parallel and large._ops.parallel
+    assert large._ops.separate_plan.shape[0] >= 2  # both threads get work
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
@@ -102,12 +102,12 @@ def test_flat_params_run_as_one_contiguous_kernel(dtype, rng):
     # whole buffer, with one address
     grads = fd.optim.flat_params(shapes, dtype)
     opt.step(grads)
-    param_addresses, grad_addresses, chunks = opt._backend._plan
-    assert chunks is opt._backend.flat and grad_addresses.shape == (1,)
+    param_addresses, grad_addresses, chunks = opt._ops._plan
+    assert chunks is opt._ops.flat_plan and grad_addresses.shape == (1,)
     assert chunks[:, 0].max() == 0  # every chunk addresses the one buffer
     # separate grads still work on flat params
     opt.step([np.ascontiguousarray(g) + 0 for g in grads])
-    assert opt._backend._plan[2] is opt._backend.separate
+    assert opt._ops._plan[2] is opt._ops.separate_plan
 
 
 def test_hundreds_of_separate_arrays(rng):
@@ -233,10 +233,6 @@ def test_flat_params_layout():
         fd.optim.flat_params([(3,)], np.int32)
     with pytest.raises(ValueError, match="negative"):
         fd.optim.flat_params([(3, -1)])
-
-
-def test_ewa_and_schedules_are_exported():
-    assert callable(fd.ewa) and callable(fd.schedules.staircase)
 
 
 def test_huge_finite_float64_gradients_are_not_taken_for_inf():

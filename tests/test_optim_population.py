@@ -91,7 +91,7 @@ def test_large_population_uses_the_parallel_kernel(rng):
     params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     opt = fd.optim.Adam([p.copy() for p in params], population=True,
                         lr=np.array([1e-3, 1e-2, 1e-1, 1.0]))
-    assert opt._backend.parallel
+    assert opt._ops.parallel
     singles = [fd.optim.Adam([p[k].copy() for p in params], lr=lr)
                for k, lr in enumerate([1e-3, 1e-2, 1e-1, 1.0])]
     for _ in range(10):

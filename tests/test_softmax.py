@@ -231,27 +231,29 @@ def test_exp_is_vectorized():
 
 # -- bad input: a clear error, nothing modified -----------------------------------------------
 
-def bad_calls(z, labels):
-    yield ValueError, dict(target=np.array([0, 1, 7, 2]))  # label out of range
-    yield ValueError, dict(target=np.array([0, 1, -3, 2]))  # negative, not ignore_index
-    yield ValueError, dict(target=np.zeros(5, np.int64))  # wrong shape
-    yield ValueError, dict(target=labels, reduction="average")
-    yield ValueError, dict(target=labels, label_smoothing=1.5)
-    yield ValueError, dict(target=labels, axis=2)
-    yield ValueError, dict(target=np.zeros((4, 6), np.float32))  # probabilities, wrong shape
-    yield TypeError, dict(target=np.zeros((4, 5), np.float64))  # probabilities, wrong dtype
-    yield TypeError, dict(target=labels.astype(bool))
-    yield TypeError, dict(target=labels.tolist())
-    yield TypeError, dict(target=labels, ignore_index=1.5)
-    yield TypeError, dict(target=labels, axis=1.0)
-    yield ValueError, dict(target=labels, out=np.empty((4, 5), np.float64))
+# (test id, error, keywords from labels [0, 1, 4, 2]) for logits (4, 5) float32
+BAD_CALLS = [
+    ("label out of range", ValueError, lambda labels: dict(target=np.array([0, 1, 7, 2]))),
+    ("negative label", ValueError, lambda labels: dict(target=np.array([0, 1, -3, 2]))),
+    ("labels shape", ValueError, lambda labels: dict(target=np.zeros(5, np.int64))),
+    ("reduction", ValueError, lambda labels: dict(target=labels, reduction="average")),
+    ("label_smoothing", ValueError, lambda labels: dict(target=labels, label_smoothing=1.5)),
+    ("axis out of range", ValueError, lambda labels: dict(target=labels, axis=2)),
+    ("probabilities shape", ValueError, lambda labels: dict(target=np.zeros((4, 6), np.float32))),
+    ("probabilities dtype", TypeError, lambda labels: dict(target=np.zeros((4, 5), np.float64))),
+    ("bool target", TypeError, lambda labels: dict(target=labels.astype(bool))),
+    ("list target", TypeError, lambda labels: dict(target=labels.tolist())),
+    ("ignore_index type", TypeError, lambda labels: dict(target=labels, ignore_index=1.5)),
+    ("axis type", TypeError, lambda labels: dict(target=labels, axis=1.0)),
+    ("out dtype", ValueError, lambda labels: dict(target=labels, out=np.empty((4, 5), np.float64))),
+]
 
 
-@pytest.mark.parametrize("case", range(13))
-def test_bad_input_is_a_clear_error_and_modifies_nothing(rng, case):
+@pytest.mark.parametrize("name, error, make_kwargs", BAD_CALLS,
+                         ids=[case[0] for case in BAD_CALLS])
+def test_bad_input_is_a_clear_error_and_modifies_nothing(rng, name, error, make_kwargs):
     z = logits_for(rng, (4, 5), np.float32)
-    labels = np.array([0, 1, 4, 2])
-    error, kwargs = list(bad_calls(z, labels))[case]
+    kwargs = make_kwargs(np.array([0, 1, 4, 2]))
     kwargs.setdefault("out", z)
     before = z.copy()
     with pytest.raises(error) as info:

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from fastdl import demo, nn, tune
+from fastdl import data, nn, training, tune
 
 
 def test_loguniform_samples_every_decade_alike():
@@ -98,16 +98,16 @@ SEEDS = [5, 6, 7]
 
 @pytest.fixture(scope="module")
 def splits():
-    return demo.load_digits(seed=0)
+    return data.load_digits(seed=0)
 
 
 def test_population_model_k_equals_a_separate_run_of_model_k(splits):
-    population = demo.build_network(population=3, dropout=DROPOUT, seed=SEEDS)
-    history = demo.train_population(population, splits, HYPER, epochs=2, seed=1)
+    population = training.build_network(population=3, dropout=DROPOUT, seed=SEEDS)
+    history = training.train_population(population, splits, HYPER, epochs=2, seed=1)
     assert not history.frozen.any()
     for k in range(3):
-        alone = demo.build_network(dropout=float(DROPOUT[k]), seed=SEEDS[k])
-        separate = demo.train(alone, splits, epochs=2, seed=1, patience=100,
+        alone = training.build_network(dropout=float(DROPOUT[k]), seed=SEEDS[k])
+        separate = training.train(alone, splits, epochs=2, seed=1, patience=100,
                               hyper={name: float(v[k]) for name, v in HYPER.items()})
         np.testing.assert_allclose([h[k] for h in history.train_loss], separate.train_loss,
                                    rtol=1e-4)
@@ -120,13 +120,29 @@ def test_population_model_k_equals_a_separate_run_of_model_k(splits):
 def test_a_diverging_model_is_frozen_and_the_others_train_on(splits):
     hyper = {k: v[:2].copy() for k, v in HYPER.items()}
     hyper["lr"][1] = 1e38  # overflows at once
-    population = demo.build_network(population=2, dropout=DROPOUT[:2], seed=SEEDS[:2])
-    history = demo.train_population(population, splits, hyper, epochs=2, seed=1)
+    population = training.build_network(population=2, dropout=DROPOUT[:2], seed=SEEDS[:2])
+    history = training.train_population(population, splits, hyper, epochs=2, seed=1)
     assert history.frozen.tolist() == [False, True]
-    alone = demo.build_network(dropout=float(DROPOUT[0]), seed=SEEDS[0])
-    separate = demo.train(alone, splits, epochs=2, seed=1, patience=100,
+    alone = training.build_network(dropout=float(DROPOUT[0]), seed=SEEDS[0])
+    separate = training.train(alone, splits, epochs=2, seed=1, patience=100,
                           hyper={name: float(v[0]) for name, v in HYPER.items()})
     np.testing.assert_allclose([h[0] for h in history.dev_loss], separate.dev_loss, rtol=1e-4)
+
+
+def test_train_population_takes_k_from_the_model(splits):
+    model = training.build_network(population=3, dropout=DROPOUT, seed=SEEDS)
+    assert training.model_count(model) == 3
+    assert training.model_count(training.build_network()) is None
+    # one number for a hyperparameter is every model's; K comes from the model, not from lr
+    history = training.train_population(model, splits, {"lr": 2e-3}, epochs=1, population=3)
+    assert history.dev_loss[0].shape == (3,) and history.lr[0].shape == (3,)
+    loss, accuracy = training.evaluate(model, *splits[1])
+    assert loss.shape == accuracy.shape == (3,)
+    np.testing.assert_allclose(loss, history.dev_loss[0], rtol=1e-6)
+    with pytest.raises(ValueError, match="population must be the model's number of models 3"):
+        training.train_population(model, splits, {}, epochs=1, population=2)
+    with pytest.raises(ValueError, match="use train_population"):
+        training.train(model, splits, epochs=1)
 
 
 def test_population_layers_take_a_shared_batch_or_one_per_model(rng):

@@ -25,8 +25,8 @@ def test_matmul_kernel_matches_numpy(transpose_a, transpose_b, dtype):
     b = rng.standard_normal((n, k) if transpose_b else (k, n)).astype(dtype)
     out = cuda.device_array((m, n), dtype)
     cudalib.LAUNCHES.clear()
-    _dense.matmul(cuda.to_device(a), cuda.to_device(b), out, bool(transpose_a),
-                  bool(transpose_b))
+    _dense.ops("cuda").matmul(cuda.to_device(a), cuda.to_device(b), out, bool(transpose_a),
+                              bool(transpose_b))
     assert cudalib.LAUNCHES["matmul_cuda"] == 1
     want = (a.T if transpose_a else a) @ (b.T if transpose_b else b)
     np.testing.assert_allclose(out.copy_to_host(), want, **TOL[dtype])
@@ -99,22 +99,22 @@ def test_batched_matmul_with_a_shared_operand():
     x = rng.standard_normal((5, 7)).astype(np.float32)  # shared by the 3 models
     W = rng.standard_normal((3, 4, 7)).astype(np.float32)
     out = cuda.device_array((3, 5, 4), np.float32)
-    _dense.matmul(cuda.to_device(x), cuda.to_device(W), out, False, True)
+    _dense.ops("cuda").matmul(cuda.to_device(x), cuda.to_device(W), out, False, True)
     np.testing.assert_allclose(out.copy_to_host(), x @ W.transpose(0, 2, 1), **TOL[np.float32])
 
 
 def test_population_network_on_the_gpu_matches_the_cpu():
-    from fastdl import demo
+    from fastdl import training
 
     rng = np.random.default_rng(4)
     X = rng.standard_normal((6, 5)).astype(np.float32)
     labels = np.ascontiguousarray(np.broadcast_to(rng.integers(0, 3, 6), (2, 6)))
     runs = []
     for device, to in [("cpu", np.asarray), ("cuda", cuda.to_device)]:
-        model = demo.build_network(5, (6,), 3, dropout=np.array([0.0, 0.3]), seed=[1, 2],
-                                   device=device, population=2)
-        opt = demo.make_optimizer("adam", model, dict(lr=np.array([0.01, 0.05])),
-                                  population=True)
+        model = training.build_network(5, (6,), 3, dropout=np.array([0.0, 0.3]),
+                                       seed=[1, 2], device=device, population=2)
+        opt = training.make_optimizer("adam", model, dict(lr=np.array([0.01, 0.05])),
+                                      population=True)
         loss_fn = nn.SoftmaxCrossEntropy(population=2)
         for _ in range(2):
             loss = loss_fn.forward(model.forward(to(X)), to(labels))

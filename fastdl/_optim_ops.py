@@ -1,21 +1,23 @@
-"""Where an optimizer's arrays live decides how a step runs: the CPU backend drives the
-``kernels/optim.py`` kernels by address, the CUDA backend launches ``kernels/optim_cuda.py``.
-Both work from the same chunk tables (``kernels/optim.py``'s docstring) and offer the
-optimizer the same few operations; validation of what they are given is theirs too, so that a
-step checks everything before it changes anything.
+"""The optimizers' ops (``fastdl._dispatch``'s pattern): where the params live decides how a
+step runs. ``OptimCpu`` drives the ``kernels/optim.py`` kernels by address, ``OptimCuda``
+launches ``kernels/optim_cuda.py``. Both work from the same chunk tables (rows laid out as
+``kernels.optim.CHUNK``: ptr, model, row, lo, hi, state) and offer the optimizer the same few
+operations.
 """
 
 import operator
 
 import numpy as np
 
-from . import _checks
+from . import _validate
+from ._dispatch import CudaOps, HostOps
 from .device import is_device_array
 
 
 def segments(sizes, tensor_groups, n_models):
-    """One row (tensor, model, row, lo, hi, state) per tensor and model: model k of tensor j is
-    elements [k*n, (k+1)*n) of it (n = size / K), and its state sits at the tensor's offset."""
+    """One chunk-table row (tensor, model, row, lo, hi, state) per tensor and model: model k
+    of tensor j is elements [k*n, (k+1)*n) of it (n = size / K), and its state sits at the
+    tensor's offset."""
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     rows = []
     for j, size in enumerate(sizes):
@@ -54,35 +56,17 @@ def _consecutive(addresses, sizes, itemsize):
     return bool(np.all(addresses[1:] == addresses[:-1] + sizes[:-1] * itemsize))
 
 
-def _grad_error(j, g, p, device):
-    if device == "cpu" and is_device_array(g):
-        raise TypeError(f"grads[{j}] is a GPU array but params[{j}] is a NumPy array: params "
-                        "and grads must live on one device")
-    if device == "cuda" and not is_device_array(g):
-        raise TypeError(f"grads[{j}] is a {type(g).__name__} on the host but params[{j}] is "
-                        "a GPU array: params and grads must live on one device")
-    if device == "cpu" and not isinstance(g, np.ndarray):
-        raise TypeError(f"grads[{j}] must be a NumPy array; got {_checks.describe(g)}")
-    if g.dtype != p.dtype:
-        raise TypeError(f"grads[{j}] must have dtype {p.dtype} like params[{j}]; got {g.dtype}")
-    if tuple(g.shape) != tuple(p.shape):
-        raise ValueError(f"grads[{j}] must have shape {tuple(p.shape)} like params[{j}]; got "
-                         f"{tuple(g.shape)}")
-    raise ValueError(f"grads[{j}] must be C-contiguous (read in place, never copied); "
-                     "pass a contiguous copy")
+class _Optim:
+    """What both devices share: the grads identity cache and the count check."""
 
-
-class _Backend:
-    """What both backends share: the grads identity cache and the count check."""
-
-    def __init__(self, params, tensor_groups, n_models, kernel_name):
+    def __init__(self, params, tensor_groups, n_models, algorithm):
         self.params = params
         self.shapes = [tuple(p.shape) for p in params]
         self.sizes = np.array([int(np.prod(s)) for s in self.shapes], np.int64)
         self.total = int(self.sizes.sum())
         self.dtype = np.dtype(params[0].dtype)
         self.rows = segments(self.sizes, tensor_groups, n_models)
-        self.kernel_name = kernel_name
+        self.algorithm = algorithm
         self._seen = None
         self._plan = None
 
@@ -93,7 +77,7 @@ class _Backend:
                 map(operator.is_, grads, self._seen)):
             for j, g in enumerate(grads):  # what can change in place
                 if tuple(g.shape) != self.shapes[j] or g.dtype != self.dtype:
-                    _grad_error(j, g, self.params[j], self.device)
+                    _validate.grad_error(j, g, self.params[j], self.device)
             return self._plan
         if len(grads) != len(self.shapes):
             raise ValueError(f"grads must hold one array per param ({len(self.shapes)}); got "
@@ -108,39 +92,50 @@ class _Backend:
                 for j, s in enumerate(self.shapes)]
 
 
-class CpuBackend(_Backend):
+class OptimCpu(_Optim, HostOps):
     """NumPy arrays: one compiled call per pass, however many arrays (addresses, not arrays,
     are passed: see kernels/pointers.py)."""
 
-    device = "cpu"
-
-    def __init__(self, params, tensor_groups, n_models, kernel_name):
-        super().__init__(params, tensor_groups, n_models, kernel_name)
+    def __init__(self, params, tensor_groups, n_models, algorithm):
+        super().__init__(params, tensor_groups, n_models, algorithm)
         from fastdl.kernels import config, optim
         from fastdl.kernels.pointers import address
 
         self._kernels, self._address = optim, address
         self.parallel = self.total >= config.PARALLEL_MIN_SIZE
-        serial, parallel = getattr(optim, kernel_name + "_update")
-        self._update = parallel if self.parallel else serial
         chunk = min(config.MAX_CHUNK_SIZE,
                     max(config.MIN_CHUNK_SIZE, -(-self.total // (4 * config.threads()))))
-        self.separate = split(self.rows, chunk)
+        self.separate_plan = split(self.rows, chunk)
         self.param_addresses = np.array([p.__array_interface__["data"][0] for p in params],
                                         np.int64)
-        self.flat = None
+        self.flat_plan = None
         if _consecutive(self.param_addresses, self.sizes, self.dtype.itemsize):
-            self.flat = split(merged(self.rows, self.sizes), chunk)
+            self.flat_plan = split(merged(self.rows, self.sizes), chunk)
         self.placeholder = np.zeros(0, self.dtype)
+        self._row_flags = None
+        self._runs = {}  # chunk table id -> [(update kernel, its chunks)], for the row flags
 
-    def zeros(self, n):
-        """A zeroed buffer, written now: not ``np.zeros``, whose calloc hands out lazily mapped
-        small pages that fault on the first step and, with transparent huge pages in "madvise"
-        mode, stay small (TLB misses made fused Adam on 1e7 elements ~25 % slower). NumPy's
-        own allocator asks for huge pages."""
-        buffer = np.empty(n, self.dtype)
-        buffer.fill(0)
-        return buffer
+    def set_row_flags(self, row_flags, use_ema):
+        """``row_flags`` (coefficient rows, flags) bool: which specialized update runs which
+        chunks (kernels.optim.update_kernel); ``use_ema``: whether EMA weights are kept."""
+        self._row_flags, self._use_ema = row_flags, use_ema
+        self._runs = {}
+
+    def _runs_for(self, table):
+        """The (kernel, chunk table) pairs of one step over ``table``: one per combination of
+        flags among its rows, usually one for the whole table."""
+        runs = self._runs.get(id(table))
+        if runs is None:
+            chunk_flags = self._row_flags[table[:, self._kernels.CHUNK.row]]
+            runs = []
+            for flags in self._kernels.flag_combinations(self.algorithm):
+                chosen = np.all(chunk_flags == np.array(flags, bool), axis=1)
+                if chosen.any():
+                    kernel = self._kernels.update_kernel(self.algorithm, flags, self._use_ema,
+                                                         self.parallel)
+                    runs.append((kernel, table if chosen.all() else table[chosen]))
+            self._runs[id(table)] = runs
+        return runs
 
     def concatenate(self, arrays):
         return np.concatenate([a.reshape(-1) for a in arrays])
@@ -150,46 +145,41 @@ class CpuBackend(_Backend):
         for j, g in enumerate(grads):
             if not (isinstance(g, np.ndarray) and g.dtype == self.dtype
                     and g.shape == self.shapes[j] and g.flags.c_contiguous):
-                _grad_error(j, g, self.params[j], "cpu")
+                _validate.grad_error(j, g, self.params[j], "cpu")
             addresses[j] = self._address(g)
-        if self.flat is not None and _consecutive(addresses, self.sizes, self.dtype.itemsize):
-            return self.param_addresses[:1], addresses[:1].copy(), self.flat
-        return self.param_addresses, addresses, self.separate
+        if self.flat_plan is not None and _consecutive(addresses, self.sizes, self.dtype.itemsize):
+            return self.param_addresses[:1], addresses[:1].copy(), self.flat_plan
+        return self.param_addresses, addresses, self.separate_plan
 
     def grad_stats(self, plan, model, like, sumsq, nonfinite):
         self._kernels.grad_stats(plan[1], plan[2], model, like, self.parallel, sumsq,
                                  nonfinite)
 
     def update(self, plan, coef, active, state, ema):
-        self._update(plan[0], plan[1], plan[2], coef, active, *state, ema)
-
-    def to_host(self, view):
-        return view.copy()
-
-    def write(self, view, values):
-        view[...] = values
+        state = list(state) + [self.placeholder] * (3 - len(state))  # the kernels take three
+        for kernel, chunks in self._runs_for(plan[2]):
+            kernel(plan[0], plan[1], chunks, coef, active, *state, ema)
 
 
-class CudaBackend(_Backend):
+class OptimCuda(_Optim, CudaOps):
     """GPU arrays (numba device arrays, or any ``__cuda_array_interface__`` object, used
     without a copy). A step is one ``grad_stats`` launch (when asked for) and one update launch
     for params that lie back to back in one buffer (``flat_params``); separate arrays take
     ceil(n / MAX_TENSORS_PER_LAUNCH) launches of each, 32 arrays per launch."""
 
-    device = "cuda"
-
-    def __init__(self, params, tensor_groups, n_models, kernel_name):
+    def __init__(self, params, tensor_groups, n_models, algorithm):
+        CudaOps.__init__(self)
         from fastdl.kernels import cudalib, optim_cuda
 
         self._lib, self._kernels = cudalib, optim_cuda
         params = [cudalib.as_cuda_array(p) for p in params]
-        super().__init__(params, tensor_groups, n_models, kernel_name)
-        self._update = optim_cuda.UPDATES[kernel_name]
+        super().__init__(params, tensor_groups, n_models, algorithm)
+        self._update = optim_cuda.UPDATES[algorithm]
         self.param_addresses = np.array([cudalib.address(p) for p in params], np.int64)
         flat_params = self._flat_views(params)
-        self.flat = None
+        self.flat_plan = None
         if _consecutive(self.param_addresses, self.sizes, self.dtype.itemsize):
-            self.flat = self._launch_plan((cudalib.span(params[0], self.total),),
+            self.flat_plan = self._launch_plan((cudalib.span(params[0], self.total),),
                                           split(merged(self.rows, self.sizes),
                                                 cudalib.CHUNK_SIZE))
         self.batches = self._batches(flat_params)
@@ -224,10 +214,14 @@ class CudaBackend(_Backend):
                 cuda.device_array(table.shape[0], self.dtype),
                 cuda.device_array(table.shape[0], np.int32))
 
-    def zeros(self, n):
-        buffer = self._lib.cuda.device_array(n, self.dtype)
-        self._lib.launch(self._kernels.fill_cuda, -(-n // self._lib.THREADS_PER_BLOCK), buffer,
-                         self._to_device(np.zeros(1, self.dtype)))
+    def set_row_flags(self, row_flags, use_ema):
+        """The GPU kernels read the flag columns of the coefficient rows as they run."""
+
+    def zeros(self, shape, dtype):
+        """Zeroed on the device by a fill kernel: no host-to-device copy of zeros."""
+        buffer = self._lib.cuda.device_array(shape, dtype)
+        self._lib.launch(self._kernels.fill_cuda, -(-buffer.size // self._lib.THREADS_PER_BLOCK),
+                         buffer.reshape(buffer.size), self._to_device(np.zeros(1, dtype)))
         return buffer
 
     def concatenate(self, arrays):
@@ -240,15 +234,15 @@ class CudaBackend(_Backend):
         converted = []
         for j, g in enumerate(grads):
             if not is_device_array(g):
-                _grad_error(j, g, self.params[j], "cuda")
+                _validate.grad_error(j, g, self.params[j], "cuda")
             g = self._lib.as_cuda_array(g)
             if (g.dtype != self.dtype or tuple(g.shape) != self.shapes[j]
                     or not g.is_c_contiguous()):
-                _grad_error(j, g, self.params[j], "cuda")
+                _validate.grad_error(j, g, self.params[j], "cuda")
             converted.append(g)
         addresses = np.array([self._lib.address(g) for g in converted], np.int64)
-        if self.flat is not None and _consecutive(addresses, self.sizes, self.dtype.itemsize):
-            return [((self._lib.span(converted[0], self.total),),) + self.flat]
+        if self.flat_plan is not None and _consecutive(addresses, self.sizes, self.dtype.itemsize):
+            return [((self._lib.span(converted[0], self.total),),) + self.flat_plan]
         flat_grads = self._flat_views(converted)
         plan = []
         for tensors, table, models, partial, flags, first, count in self.batches:
@@ -260,9 +254,9 @@ class CudaBackend(_Backend):
     def grad_stats(self, plan, model, like, sumsq, nonfinite):
         """One launch per entry of the plan; the per-chunk partials are added up per model on
         the host in float64, in a fixed order (the result never depends on scheduling)."""
-        from fastdl.kernels.optim import INV_SCALE
+        from fastdl.kernels.optim import MODEL
 
-        inv_scale = model[:, INV_SCALE].astype(self.dtype)
+        inv_scale = model[:, MODEL.inv_scale].astype(self.dtype)
         if self._inv_scale is None:
             self._inv_scale = self._to_device(inv_scale)
         else:
@@ -287,8 +281,3 @@ class CudaBackend(_Backend):
             self._lib.launch(self._update, table.shape[0], params, grads, table, self._coef,
                              self._active, *state, ema)
 
-    def to_host(self, view):
-        return view.copy_to_host()
-
-    def write(self, view, values):
-        view.copy_to_device(np.ascontiguousarray(values))

@@ -1,0 +1,402 @@
+"""The cases of the pytest-benchmark suite (the optimizer cases live in ``fastdl.jobs.bench``,
+which ``python -m fastdl bench`` shares): per case a ``make_*`` function building a
+zero-argument callable per implementation, ``fastdl`` (and ``fastdl-serial``, the serial
+kernels forced), ``numpy`` (the textbook version, one array expression per formula line) and
+``torch`` (PyTorch CPU, when installed). All float32, default options on both sides.
+
+Each case has a small smoke size (``case.smoke()``, the same name), which the normal test run
+(benchmarks disabled) uses, so every case is checked in seconds; ``--benchmark-enable`` times
+the full sizes.
+"""
+
+import dataclasses
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+import fastdl as fd
+from fastdl import data, nn, optim, training, tune
+from fastdl.jobs.textbook import TextbookNetwork, textbook_cross_entropy
+
+
+@contextmanager
+def _parallel_threshold(implementation):
+    """"fastdl-serial" forces the serial kernels, to measure what the parallel ones gain."""
+    from fastdl.kernels import config
+
+    default = config.PARALLEL_MIN_SIZE
+    if implementation == "fastdl-serial":
+        config.PARALLEL_MIN_SIZE = math.inf
+    try:
+        yield
+    finally:
+        config.PARALLEL_MIN_SIZE = default
+
+
+# -- batch normalization ------------------------------------------------------------------------
+
+
+@dataclass
+class ShapeCase:
+    """A case on one array of ``shape`` (``smoke_shape`` in the default test run)."""
+
+    name: str
+    shape: tuple
+    smoke_shape: tuple
+
+    @property
+    def size(self):
+        return math.prod(self.shape)
+
+    def smoke(self):
+        return dataclasses.replace(self, shape=self.smoke_shape)
+
+
+@dataclass
+class BatchNormCase(ShapeCase):
+    """Forward + backward in training mode on x of ``shape``, channels along
+    ``channel_axis``; ``out`` reuses the y and dx buffers."""
+
+    channel_axis: int = 1
+    out: bool = False
+
+
+BATCHNORM_CASES = {
+    "bn_8192x1024": BatchNormCase("(8192, 1024), fresh outputs", (8192, 1024), (64, 32)),
+    "bn_8192x1024_out": BatchNormCase("(8192, 1024), out= buffers", (8192, 1024), (64, 32),
+                                      out=True),
+    "bn_nchw": BatchNormCase("(64, 64, 56, 56), fresh outputs", (64, 64, 56, 56), (4, 8, 6, 6)),
+    "bn_features_examples": BatchNormCase("(1024, 8192) features x examples, axis 0",
+                                          (1024, 8192), (32, 64), 0),
+    "bn_channels_last": BatchNormCase("(64, 56, 56, 64) channels-last, axis -1",
+                                      (64, 56, 56, 64), (4, 6, 6, 8), -1),
+    "bn_1e6x3": BatchNormCase("(1000000, 3), fresh outputs", (1_000_000, 3), (1000, 3)),
+    "bn_1e6x3_out": BatchNormCase("(1000000, 3), out= buffers", (1_000_000, 3), (1000, 3),
+                                  out=True),
+}
+
+BATCHNORM_IMPLEMENTATIONS = ("fastdl", "fastdl-serial", "numpy", "torch")
+
+
+def textbook_batch_norm(x, gamma, beta, dy, axis, eps=1e-5):
+    """The notes' batch norm forward and backward in NumPy, one temporary per line:
+    ``(y, dx, dgamma, dbeta)``."""
+    others = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
+    mu = x.mean(axis=others, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=others, keepdims=True)
+    inv_std = 1 / np.sqrt(var + eps)
+    xhat = (x - mu) * inv_std
+    shape = mu.shape
+    y = gamma.reshape(shape) * xhat + beta.reshape(shape)
+    m = x.size // x.shape[axis]
+    dbeta = dy.sum(axis=others)
+    dgamma = (dy * xhat).sum(axis=others)
+    dx = gamma.reshape(shape) * inv_std * (dy - dbeta.reshape(shape) / m
+                                           - xhat * dgamma.reshape(shape) / m)
+    return y, dx, dgamma, dbeta
+
+
+def make_batchnorm_step(case, implementation, seed=0):
+    """A zero-argument callable doing forward + backward (training) of ``case``, or None when
+    ``implementation`` cannot run it (PyTorch takes channels at axis 1 only)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(case.shape, np.float32)
+    dy = rng.standard_normal(case.shape, np.float32)
+    c = case.shape[case.channel_axis]
+    gamma, beta = np.ones(c, np.float32), np.zeros(c, np.float32)
+    running_mean, running_var = np.zeros(c, np.float32), np.ones(c, np.float32)
+    if implementation in ("fastdl", "fastdl-serial"):
+        y_out = np.empty_like(x) if case.out else None
+        dx_out = np.empty_like(x) if case.out else None
+
+        def step():
+            with _parallel_threshold(implementation):
+                _, cache = fd.batch_norm_forward(x, gamma, beta, running_mean, running_var,
+                                                 channel_axis=case.channel_axis, out=y_out)
+                return fd.batch_norm_backward(dy, cache, out=dx_out)
+
+        return step
+    if implementation == "numpy":
+        return lambda: textbook_batch_norm(x, gamma, beta, dy, case.channel_axis)
+    if implementation == "torch":
+        import torch
+
+        if case.channel_axis != 1:
+            return None  # PyTorch's batch_norm takes channels at axis 1 only
+        tensors = [torch.from_numpy(a).requires_grad_() for a in (x, gamma, beta)]
+        t_mean, t_var, t_dy = map(torch.from_numpy, (running_mean, running_var, dy))
+
+        def step():
+            y = torch.nn.functional.batch_norm(tensors[0], t_mean, t_var, tensors[1],
+                                               tensors[2], training=True)
+            return torch.autograd.grad(y, tensors, t_dy)
+
+        return step
+    raise ValueError(f"implementation must be one of {BATCHNORM_IMPLEMENTATIONS}; got "
+                     f"{implementation!r}")
+
+
+# -- softmax cross-entropy and dropout ----------------------------------------------------------
+
+
+@dataclass
+class SoftmaxCase(ShapeCase):
+    """Loss + gradient of the mean cross-entropy with index targets on logits of ``shape``
+    (classes along ``axis``); ``out`` writes dlogits into a reused buffer."""
+
+    axis: int = -1
+    out: bool = False
+
+
+SOFTMAX_CASES = {
+    "xent_4096x1000": SoftmaxCase("(4096, 1000), fresh outputs", (4096, 1000), (64, 100)),
+    "xent_4096x1000_out": SoftmaxCase("(4096, 1000), out= buffer", (4096, 1000), (64, 100),
+                                      out=True),
+    "xent_256x10": SoftmaxCase("(256, 10), fresh outputs", (256, 10), (256, 10)),
+    "xent_64x70000": SoftmaxCase("(64, 70000), fresh outputs", (64, 70_000), (4, 7000)),
+    "xent_100000x10": SoftmaxCase("(100000, 10), fresh outputs", (100_000, 10), (1000, 10)),
+    "xent_classes_first": SoftmaxCase("(1000, 4096) classes x examples, axis 0",
+                                      (1000, 4096), (100, 64), axis=0),
+}
+
+SOFTMAX_IMPLEMENTATIONS = ("fastdl", "fastdl-serial", "numpy", "torch")
+
+
+def make_softmax_step(case, implementation, seed=0):
+    """A zero-argument callable computing the loss and dlogits of ``case``."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal(case.shape, np.float32) * np.float32(3)
+    axis = case.axis % len(case.shape)
+    labels = rng.integers(0, case.shape[axis], case.shape[1 - axis])
+    if implementation in ("fastdl", "fastdl-serial"):
+        out = np.empty_like(z) if case.out else None
+
+        def step():
+            with _parallel_threshold(implementation):
+                return fd.softmax_cross_entropy(z, labels, axis=case.axis, out=out)
+
+        return step
+    if implementation == "numpy":
+        return lambda: textbook_cross_entropy(z, labels, axis)
+    if implementation == "torch":
+        import torch
+
+        logits = torch.from_numpy(z).requires_grad_()
+        target = torch.from_numpy(labels)
+
+        def step():  # classes first: the transposed view, which PyTorch reads in place
+            loss = torch.nn.functional.cross_entropy(logits if axis == 1 else logits.T, target)
+            return loss, torch.autograd.grad(loss, logits)
+
+        return step
+    raise ValueError(f"implementation must be one of {SOFTMAX_IMPLEMENTATIONS}; got "
+                     f"{implementation!r}")
+
+
+DROPOUT_CASES = {"dropout_1e7": ShapeCase("dropout forward + backward, 1e7, p = 0.5",
+                                            (10_000_000,), (10_000,))}
+
+
+def make_dropout_step(case, implementation, p=0.5, seed=0):
+    """A zero-argument callable doing dropout forward and backward on ``case.shape``."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(case.shape, np.float32)
+    dy = rng.standard_normal(case.shape, np.float32)
+    if implementation in ("fastdl", "fastdl-serial"):
+        def step():
+            with _parallel_threshold(implementation):
+                _, mask = fd.dropout_forward(x, p, seed)
+                return fd.dropout_backward(dy, mask, p)
+
+        return step
+    if implementation == "numpy":
+        def step():  # the notes: D = np.random.rand(...) < keep_prob; A = A * D / keep_prob
+            mask = rng.random(case.shape, np.float32) >= p
+            return x * mask / (1 - p), dy * mask / (1 - p)
+
+        return step
+    if implementation == "torch":
+        import torch
+
+        tx, tdy = torch.from_numpy(x).requires_grad_(), torch.from_numpy(dy)
+
+        def step():
+            y = torch.nn.functional.dropout(tx, p, training=True)
+            return torch.autograd.grad(y, tx, tdy)
+
+        return step
+    raise ValueError(f"implementation must be one of {SOFTMAX_IMPLEMENTATIONS}; got "
+                     f"{implementation!r}")
+
+
+# -- one training epoch of a whole network ------------------------------------------------------
+
+
+@dataclass
+class EpochCase:
+    """One epoch of Linear - BatchNorm - ReLU - Dropout(0.1) blocks of ``sizes``, softmax
+    cross-entropy and Adam (L2 1e-4 on the weights), batch-first float32; ``data`` "digits"
+    (the demo's training split, at most ``n_examples`` of it) or "synthetic" (``n_examples``
+    Gaussian examples). The smoke case has ``smoke_sizes`` and ``smoke_examples``."""
+
+    name: str
+    sizes: tuple
+    batch_size: int
+    smoke_sizes: tuple
+    smoke_examples: int
+    data: str = "synthetic"
+    n_examples: int = 8192
+
+    @property
+    def size(self):  # parameters
+        return sum(a * b for a, b in zip(self.sizes[:-1], self.sizes[1:]))
+
+    def smoke(self):
+        return dataclasses.replace(self, sizes=self.smoke_sizes, n_examples=self.smoke_examples)
+
+
+EPOCH_CASES = {
+    "epoch_digits": EpochCase("demo network 64-256-128-10 on digits, batch 64",
+                              (64, 256, 128, 10), 64, (64, 32, 16, 10), 256, "digits"),
+    "epoch_mlp_1024": EpochCase("784-1024-1024-10 on 8192 synthetic examples, batch 256",
+                                (784, 1024, 1024, 10), 256, (784, 64, 64, 10), 512),
+}
+
+EPOCH_IMPLEMENTATIONS = ("fastdl", "numpy", "torch")
+
+
+def torch_network(sizes, dropout, seed, lr, weight_decay, betas=(0.9, 0.999)):
+    """The demo's network in PyTorch (Linear without bias - BatchNorm1d - ReLU - Dropout
+    blocks, a Linear output) and fused Adam with L2 on the weights only: ``(model, opt)``."""
+    import torch
+
+    torch.manual_seed(seed)
+    layers, width = [], sizes[0]
+    for units in sizes[1:-1]:
+        layers += [torch.nn.Linear(width, units, bias=False), torch.nn.BatchNorm1d(units),
+                   torch.nn.ReLU(), torch.nn.Dropout(dropout)]
+        width = units
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(width, sizes[-1]))
+    weights = [p for p in model.parameters() if p.ndim == 2]
+    others = [p for p in model.parameters() if p.ndim != 2]
+    opt = torch.optim.Adam([{"params": weights, "weight_decay": weight_decay},
+                            {"params": others, "weight_decay": 0.0}], lr=lr, betas=betas,
+                           fused=True)
+    return model, opt
+
+
+def _epoch_data(case, seed):
+    if case.data == "digits":
+        X, y = data.load_digits(seed)[0]
+        return X[:case.n_examples], y[:case.n_examples]
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((case.n_examples, case.sizes[0]), np.float32)
+    return X, rng.integers(0, case.sizes[-1], case.n_examples)
+
+
+def make_epoch_step(case, implementation, seed=0):
+    """A zero-argument callable training one epoch of ``case`` with ``implementation``."""
+    X, y = _epoch_data(case, seed)
+    batches = list(data.minibatches(X, y, case.batch_size, seed=seed))
+    n_in, hidden, n_out = case.sizes[0], case.sizes[1:-1], case.sizes[-1]
+    if implementation == "fastdl":
+        model = training.build_network(n_in, hidden, n_out, seed=seed, device="cpu")
+        opt = optim.Adam(model.param_groups(weight_decay=1e-4), lr=1e-3)
+        loss_fn, grads = nn.SoftmaxCrossEntropy(), model.grads()
+
+        def epoch():
+            with fd.cpu_threads(1):  # the cores go to BLAS (fd.cpu_threads says why)
+                for xb, yb in batches:
+                    loss_fn.forward(model.forward(xb), yb)
+                    model.backward(loss_fn.backward(), input_grad=False)
+                    opt.step(grads)
+
+        return epoch
+    if implementation == "numpy":
+        net = TextbookNetwork(list(case.sizes), dropout=0.1, seed=seed, lr=1e-3)
+
+        def epoch():
+            for xb, yb in batches:
+                net.train_step(xb, yb)
+
+        return epoch
+    if implementation == "torch":
+        import torch
+
+        model, opt = torch_network(case.sizes, 0.1, seed, lr=1e-3, weight_decay=1e-4)
+        tensors = [(torch.from_numpy(xb), torch.from_numpy(yb)) for xb, yb in batches]
+
+        def epoch():
+            for xb, yb in tensors:
+                opt.zero_grad(set_to_none=False)
+                torch.nn.functional.cross_entropy(model(xb), yb).backward()
+                opt.step()
+
+        return epoch
+    raise ValueError(f"implementation must be one of {EPOCH_IMPLEMENTATIONS}; got "
+                     f"{implementation!r}")
+
+
+# -- many models at once ------------------------------------------------------------------------
+
+POPULATION_IMPLEMENTATIONS = ("fastdl-population", "fastdl-sequential", "torch-sequential")
+
+
+def population_search_space(n_models, seed=0):
+    """K random configurations of the demo network (lr, betas, L2, dropout), as arrays."""
+    return tune.sample_space(tune.default_space("adam"), n_models, seed=seed)
+
+
+def make_population_run(implementation, n_models=16, epochs=10, seed=0, n_examples=None):
+    """A zero-argument callable training ``n_models`` demo networks (batch 64) with random
+    hyperparameters for ``epochs`` on the digits: as one population, or one after another.
+    ``n_examples`` (the smoke run) keeps only that many of the training examples."""
+    (X_all, y_all), dev, test = data.load_digits(seed)
+    splits = ((X_all[:n_examples], y_all[:n_examples]), dev, test)
+    values = population_search_space(n_models, seed)
+    hyper = {k: np.asarray(v, np.float64) for k, v in values.items() if k != "dropout"}
+    dropout = np.asarray(values["dropout"], np.float64)
+    seeds = [seed + k for k in range(n_models)]
+    if implementation == "fastdl-population":
+        def run():
+            model = training.build_network(population=n_models, dropout=dropout, seed=seeds,
+                                           device="cpu")
+            return training.train_population(model, splits, hyper, epochs, seed=seed)
+
+        return run
+    if implementation == "fastdl-sequential":
+        def run():
+            for k in range(n_models):
+                model = training.build_network(dropout=float(dropout[k]), seed=seeds[k],
+                                               device="cpu")
+                training.train(model, splits, epochs, seed=seed, patience=epochs + 1,
+                               hyper={name: float(v[k]) for name, v in hyper.items()})
+
+        return run
+    if implementation == "torch-sequential":
+        import torch
+
+        (X_train, y_train), _, _ = splits
+
+        def run():
+            for k in range(n_models):
+                lr0 = float(hyper["lr"][k])
+                model, opt = torch_network(
+                    (64, *training.HIDDEN, 10), float(dropout[k]), seeds[k], lr=lr0,
+                    weight_decay=float(hyper["weight_decay"][k]),
+                    betas=(float(hyper["beta1"][k]), float(hyper["beta2"][k])))
+                for epoch in range(epochs):
+                    for group in opt.param_groups:
+                        group["lr"] = lr0 / (1 + training.LR_DECAY_RATE * epoch)
+                    for xb, yb in data.minibatches(X_train, y_train, 64, seed=seed * 1000 + epoch):
+                        opt.zero_grad(set_to_none=False)
+                        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(xb)),
+                                                                 torch.from_numpy(yb))
+                        loss.backward()
+                        opt.step()
+
+        return run
+    raise ValueError(f"implementation must be one of {POPULATION_IMPLEMENTATIONS}; got "
+                     f"{implementation!r}")

@@ -1,0 +1,552 @@
+"""fastdl's one validation layer: every public entry point checks its arguments here, before
+anything is modified.
+
+Errors follow SPEC.md: ``TypeError`` for a wrong type or dtype, ``ValueError`` for a wrong
+shape, length, value or range (an unknown option included); both name the argument, what was
+expected and what came.
+"""
+
+import math
+import numbers
+import operator
+
+import numpy as np
+
+from .device import get_device, is_device_array, location, require_cuda
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def describe(x):
+    """A short description of a value for an error message."""
+    if isinstance(x, np.ndarray):
+        return f"array of shape {x.shape} and dtype {x.dtype}"
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"{type(x).__name__} of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return f"{type(x).__name__} {x!r}"
+
+
+# -- scalars ------------------------------------------------------------------------------------
+
+def is_real_scalar(x):
+    return isinstance(x, numbers.Real) or (isinstance(x, np.ndarray) and x.ndim == 0
+                                           and x.dtype.kind in "biuf")
+
+
+def number(value, argument, check=None):
+    """``value`` as a Python float: a real number (not a bool), or TypeError; ``check`` (a rule
+    below) says which values are allowed, else ValueError."""
+    if type(value) is not float:  # a Python float (the common case) needs no type test
+        if isinstance(value, (bool, np.bool_)) or not is_real_scalar(value):
+            raise TypeError(f"{argument} must be a real number; got {describe(value)}")
+        value = float(value)
+    if check is not None and not check(value):
+        raise ValueError(f"{argument} must be {check.__doc__}; got {value!r}")
+    return value
+
+
+def integer(value, argument, minimum=None):
+    """``value`` as a Python int (not a bool), or TypeError; at least ``minimum``, or
+    ValueError."""
+    if type(value) is not int:  # a Python int (the common case) needs no type test
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{argument} must be an int; got {describe(value)}")
+        value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{argument} must be >= {minimum}; got {value}")
+    return value
+
+
+def number_or_per_model(value, argument, check=None):
+    """A real number (as a Python float, as :func:`number`) or a 1-D array / list of them, one
+    per model (as float64 (K,)); ``check`` holds for every value, else ValueError."""
+    if not isinstance(value, (np.ndarray, list, tuple)):
+        return number(value, argument, check)
+    values = np.asarray(value)
+    if values.ndim != 1 or values.dtype.kind not in "iuf":
+        raise TypeError(f"{argument} must be a real number or a 1-D array of them (one per "
+                        f"model); got {describe(value)}")
+    values = values.astype(np.float64)
+    if check is not None and not np.all(check(values)):
+        raise ValueError(f"{argument} must be {check.__doc__}; got "
+                         f"{float(values[~check(values)][0])!r}")
+    return values
+
+
+def seed(value, argument, n_models=None):
+    """A seed: an int (returned as a Python int) or, for a population (``n_models`` not None),
+    also ``n_models`` ints, one per model (returned as a list of Python ints)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if n_models is not None and not isinstance(value, (str, bytes)) and np.ndim(value) == 1:
+        seeds = np.asarray(value)
+        if len(seeds) == n_models and seeds.dtype.kind in "iu":
+            return [int(s) for s in seeds]
+        raise ValueError(f"{argument} must be an int or {n_models} ints (one per model); got "
+                         f"{describe(value)}")
+    raise TypeError(f"{argument} must be an int{' or one int per model' * (n_models is not None)}"
+                    f"; got {describe(value)}")
+
+
+def layer_device(value, argument="device"):
+    """A layer's ``device=``: None (the selected device, :func:`fastdl.get_device`), "cpu" or
+    "cuda"."""
+    return get_device() if value is None else option(value, argument, ("cpu", "cuda"))
+
+
+def flag(value, argument):
+    """``value`` as a Python bool, or TypeError."""
+    if type(value) is bool:  # the common case, first
+        return value
+    if not isinstance(value, np.bool_):
+        raise TypeError(f"{argument} must be a bool; got {describe(value)}")
+    return bool(value)
+
+
+def option(value, argument, options):
+    """``value``, one of ``options``, or ValueError naming them."""
+    if not isinstance(value, type(options[0])) or value not in options:
+        raise ValueError(f"{argument} must be one of {tuple(options)}; got {value!r}")
+    return value
+
+
+def shape(value, argument):
+    """``value`` (an int or a sequence of ints >= 0) as a shape tuple."""
+    if isinstance(value, (int, np.integer)):
+        value = (value,)
+    try:
+        value = tuple(operator.index(n) for n in value)
+    except TypeError:
+        raise TypeError(f"{argument} must be a tuple of ints; got {value!r}") from None
+    if any(n < 0 for n in value):
+        raise ValueError(f"{argument} must not have negative sizes; got {value}")
+    return value
+
+
+def float_dtype(dtype, argument):
+    """``dtype`` as a NumPy float32/float64 dtype, or a TypeError."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{argument} must be float32 or float64; got {dtype!r}") from None
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"{argument} must be float32 or float64; got {dt}")
+    return dt
+
+
+# -- populations --------------------------------------------------------------------------------
+
+def population_flag(population):
+    """A function's ``population=`` (True: a leading axis of K models), as a bool."""
+    return population if type(population) is bool else flag(population, "population")
+
+
+def model_count(population):
+    """A layer's ``population=`` (None, or K models), as None or an int >= 1."""
+    if population is None:
+        return None
+    return integer(population, "population", minimum=1)
+
+
+def hyperparameter(value, argument, n_models, check, flag=False):
+    """A hyperparameter as a float64 array of shape (n_models,).
+
+    ``value`` is a real scalar, or (population runs, ``n_models`` not None) a length-K
+    sequence. ``check`` (a rule below, on a Python float or an array) tells which values are
+    allowed; a failure raises ValueError naming ``argument`` and ``check.__doc__`` (the allowed
+    range).
+    """
+    if type(value) is float and not flag and (check is None or check(value)):
+        return np.full(n_models or 1, value)  # the common case, checked cheaply (hot paths)
+    if flag:
+        if isinstance(value, (bool, np.bool_)):
+            return np.full(n_models or 1, float(value))
+        values = np.asarray(value)
+        if values.dtype != np.bool_:
+            raise TypeError(f"{argument} must be a bool{_or_k(n_models)}; got {describe(value)}")
+    elif is_real_scalar(value) and not isinstance(value, (bool, np.bool_)):
+        values = np.float64(value)
+    else:
+        if isinstance(value, (str, bytes, bool, np.bool_)) or value is None:
+            raise TypeError(f"{argument} must be a real number{_or_k(n_models)}; "
+                            f"got {describe(value)}")
+        values = np.asarray(value)
+        if values.dtype.kind not in "iuf":
+            raise TypeError(f"{argument} must be a real number{_or_k(n_models)}; "
+                            f"got {describe(value)}")
+    if values.ndim == 1 and n_models is None:
+        raise ValueError(f"{argument} has shape {values.shape}: a per-model (K,) "
+                         f"hyperparameter needs population=True")
+    if values.ndim > 1 or (values.ndim == 1 and values.shape[0] != n_models):
+        raise ValueError(f"{argument} must be a scalar or have shape ({n_models},) (one value "
+                         f"per model); got shape {values.shape}")
+    values = np.broadcast_to(values.astype(np.float64), (n_models or 1,)).copy()
+    if check is not None and not np.all(check(values)):
+        bad = float(values[~check(values)][0])
+        raise ValueError(f"{argument} must be {check.__doc__}; got {bad!r}")
+    return values
+
+
+def population_of(value, argument, a, a_argument):
+    """Whether a per-model ``value`` given without a population flag means one: a 1-D value
+    holds one entry per model along ``a``'s leading axis (ValueError if that axis does not
+    match). Functions whose other arguments carry no flag (``dropout_backward``) ask this."""
+    if np.ndim(value) != 1:
+        return False
+    if len(a.shape) < 1 or a.shape[0] != len(value):
+        raise ValueError(f"{argument} has {len(value)} values (a population) but {a_argument} "
+                         f"has shape {tuple(a.shape)}: its leading axis must be the "
+                         f"{len(value)} models")
+    return True
+
+
+def _or_k(n_models):
+    return f" or a length-{n_models} array" if n_models else ""
+
+
+# Rules for number() and hyperparameter(): a docstring saying the allowed range, and a test
+# of a Python float or of an array (comparisons only: NaN fails every rule, and a scalar costs
+# no NumPy call on the hot paths).
+
+def nonnegative(x):
+    """>= 0"""
+    return x >= 0
+
+
+def positive(x):
+    """> 0 and finite"""
+    return (x > 0) & (x < math.inf)
+
+
+def unit_interval(x):
+    """in [0, 1)"""
+    return (x >= 0) & (x < 1)
+
+
+def closed_unit_interval(x):
+    """in [0, 1]"""
+    return (x >= 0) & (x <= 1)
+
+
+def finite(x):
+    """finite"""
+    return (x > -math.inf) & (x < math.inf)
+
+
+def finite_nonnegative(x):
+    """finite and >= 0"""
+    return (x >= 0) & (x < math.inf)
+
+
+# -- arrays -------------------------------------------------------------------------------------
+
+def c_contiguous(a):
+    """Whether a NumPy or GPU array is C-contiguous."""
+    if isinstance(a, np.ndarray):
+        return a.flags.c_contiguous
+    if hasattr(a, "is_c_contiguous"):
+        return a.is_c_contiguous()
+    interface = a.__cuda_array_interface__
+    strides = interface.get("strides")
+    if strides is None:
+        return True
+    expected, step = [], np.dtype(interface["typestr"]).itemsize
+    for n in reversed(interface["shape"]):
+        expected.append(step)
+        step *= n
+    return all(s == e or n == 1 for s, e, n in zip(strides, reversed(expected),
+                                                    interface["shape"]))
+
+
+def same_device(a, argument, device, other):
+    """TypeError unless ``a`` lives on ``device``, where ``other`` says what lives, with its
+    verb ("x is", "logits are", "the forward input was")."""
+    where = location(a)
+    if where != device:
+        raise TypeError(f"{argument} is on {where} but {other} on {device}: all arrays of a "
+                        "call must live on one device")
+
+
+def float_array(a, argument, population=False, ranks=(1, None), device=None, other="x is",
+                needs=None, contiguous=True):
+    """Check a float32/float64 input array (C-contiguous unless ``contiguous`` is False);
+    returns its device.
+
+    ``ranks``: the allowed (min, max) rank of the per-model array (max None: any), after a
+    leading K axis when ``population``, and ``needs`` what the axes are for ("a class axis"),
+    for the error; ``device``: where the call's other arrays live (``other``: which, with its
+    verb, for the error).
+    """
+    if device is not None:
+        same_device(a, argument, device, other)
+    where = location(a)
+    if where == "cuda":
+        require_cuda()
+    elif not isinstance(a, np.ndarray):
+        raise TypeError(f"{argument} must be a NumPy or GPU array; got {describe(a)}")
+    if a.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{argument} must have dtype float32 or float64; got {a.dtype}")
+    rank = len(a.shape) - (1 if population else 0)
+    low, high = ranks
+    if rank < low or (high is not None and rank > high):
+        what = "per-model rank" if population else "rank"
+        expected = f"{low} to {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{argument} must have {what} {expected}"
+                         f"{f' ({needs})' if needs else ''}"
+                         f"{' after the leading model axis' * population}; got shape "
+                         f"{tuple(a.shape)}")
+    if contiguous and not c_contiguous(a):
+        raise ValueError(f"{argument} must be C-contiguous (never copied); pass "
+                         f"np.ascontiguousarray({argument}) (or its device equivalent)")
+    return where
+
+
+def layer_input(x, argument, rank, dtype, device, expected_shape=None, models=None):
+    """An input of a layer whose parameters live on ``device`` with ``dtype``: of ``rank``
+    (and ``expected_shape``, if given); with ``models`` (a population's K), of ``rank`` (the
+    models' shared batch) or with a leading axis of K beyond it (one batch per model)."""
+    if location(x) != device:
+        raise TypeError(f"{argument} is on {location(x)} but the layer's parameters are on "
+                        f"{device}: move it with fd.to_device / fd.to_host")
+    if device == "cpu" and not isinstance(x, np.ndarray):
+        raise TypeError(f"{argument} must be a NumPy array; got {describe(x)}")
+    if x.dtype != dtype:
+        raise TypeError(f"{argument} must have the layer's dtype {dtype}; got {x.dtype}")
+    shape = tuple(x.shape)
+    if models is not None and len(shape) != rank:
+        if len(shape) != rank + 1 or shape[0] != models:
+            raise ValueError(f"{argument} must be the models' shared batch (rank {rank}) or "
+                             f"have shape ({models}{', .' * rank}) (one batch per model); got "
+                             f"shape {shape}")
+    elif len(shape) != rank:
+        raise ValueError(f"{argument} must have rank {rank}; got shape {shape}")
+    if expected_shape is not None and tuple(x.shape) != tuple(expected_shape):
+        raise ValueError(f"{argument} must have shape {tuple(expected_shape)}; got "
+                         f"{tuple(x.shape)}")
+
+
+def axis(value, rank, argument="axis"):
+    """An axis of a rank-``rank`` array (negative counts from the end), as an int in
+    [0, rank)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{argument} must be an int; got {describe(value)}")
+    if not -rank <= value < rank:
+        raise ValueError(f"{argument} must be in [{-rank}, {rank}) for a rank-{rank} input; "
+                         f"got {value}")
+    return int(value) % rank
+
+
+def per_model_array(a, argument, shape, dtype, device, writable=False, other="x"):
+    """A (C,) or (K, C) array of ``dtype`` on ``device`` (None passes)."""
+    if a is None:
+        return
+    where = location(a)
+    if where != device:
+        raise TypeError(f"{argument} is {'a GPU array' if where == 'cuda' else 'on the host'} "
+                        f"but {other} is on {device}: all arrays of a call must live on one "
+                        "device")
+    if where == "cpu" and not isinstance(a, np.ndarray):
+        raise TypeError(f"{argument} must be a NumPy array of shape {shape}; got {describe(a)}")
+    if a.dtype != dtype:
+        raise TypeError(f"{argument} must have dtype {dtype} like {other}; got {a.dtype}")
+    if tuple(a.shape) != shape:
+        raise ValueError(f"{argument} must have shape {shape} (one value per channel"
+                         f"{' and model' if len(shape) == 2 else ''}); got {tuple(a.shape)}")
+    if writable and not (c_contiguous(a) and (where == "cuda" or a.flags.writeable)):
+        raise ValueError(f"{argument} is updated in place: it must be writable and "
+                         "C-contiguous")
+
+
+def class_target(target, logits, row_shape, device):
+    """Cross-entropy's ``target`` for ``logits`` on ``device``: True for class indices (any
+    integer dtype, shape ``row_shape``: logits' without the class axis), False for
+    probabilities (logits' shape and dtype); C-contiguous."""
+    same_device(target, "target", device, "logits are")
+    if device == "cpu" and not isinstance(target, np.ndarray):
+        raise TypeError(f"target must be a NumPy array of class indices or probabilities; "
+                        f"got {describe(target)}")
+    kind = np.dtype(target.dtype).kind
+    if kind in "iu":
+        if tuple(target.shape) != row_shape:
+            raise ValueError(f"target of class indices must have shape {row_shape} (logits' "
+                             f"shape without the class axis); got {tuple(target.shape)}")
+    elif kind == "f":
+        if target.dtype != logits.dtype:
+            raise TypeError(f"target probabilities must have logits' dtype {logits.dtype}; "
+                            f"got {target.dtype}")
+        if tuple(target.shape) != tuple(logits.shape):
+            raise ValueError(f"target probabilities must have logits' shape "
+                             f"{tuple(logits.shape)}; got {tuple(target.shape)}")
+    else:
+        raise TypeError(f"target must hold integer class indices or float probabilities; got "
+                        f"dtype {target.dtype}")
+    if not c_contiguous(target):
+        raise ValueError("target must be C-contiguous (never copied)")
+    return kind != "f"
+
+
+def bool_mask(mask, argument, like, like_argument):
+    """A mask read beside ``like`` (on its device, which the caller checked): an ``np.bool_``
+    array of ``like``'s shape, C-contiguous."""
+    if getattr(mask, "dtype", None) != np.bool_ or tuple(mask.shape) != tuple(like.shape) \
+            or not c_contiguous(mask):
+        raise ValueError(f"{argument} must be the forward's C-contiguous bool mask of "
+                         f"{like_argument}'s shape {tuple(like.shape)}; got {describe(mask)}")
+
+
+def examples(X, Y, axis):
+    """The number of examples m of a data set: ``X`` a NumPy array with its examples along
+    ``axis`` (0 or 1), ``Y`` None or a NumPy array with m along axis 0 when 1-D, else along
+    ``axis``."""
+    if not isinstance(X, np.ndarray):
+        raise TypeError(f"X must be a NumPy array; got {describe(X)}")
+    if axis not in (0, 1) or X.ndim < axis + 1:
+        raise ValueError(f"axis (the examples axis) must be 0 or 1 and exist in X of shape "
+                         f"{X.shape}; got {axis!r}")
+    m = X.shape[axis]
+    if Y is not None:
+        if not isinstance(Y, np.ndarray):
+            raise TypeError(f"Y must be a NumPy array or None; got {describe(Y)}")
+        y_axis = 0 if Y.ndim == 1 else axis
+        if Y.shape[y_axis] != m:
+            raise ValueError(f"Y must have X's {m} examples along axis {y_axis}; got shape "
+                             f"{Y.shape}")
+    return m
+
+
+def check_out(out, name, like, device, like_name="x", forbid_overlap=None, reason="",
+              dtype=None):
+    """Check an output array ``out`` (None passes): on ``device``, of ``like``'s shape and
+    dtype (or ``dtype``), writable, C-contiguous and, if given, not sharing memory with
+    ``forbid_overlap`` (``reason`` says why)."""
+    if out is None:
+        return
+    if location(out) != device:
+        raise TypeError(f"{name} must live on {device} like {like_name}; got {describe(out)}")
+    if device == "cpu" and not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array; got {describe(out)}")
+    dtype = like.dtype if dtype is None else np.dtype(dtype)
+    if out.dtype != dtype or tuple(out.shape) != tuple(like.shape):
+        raise ValueError(f"{name} must have shape {tuple(like.shape)} and dtype {dtype}; "
+                         f"got {describe(out)}")
+    if not c_contiguous(out) or (device == "cpu" and not out.flags.writeable):
+        raise ValueError(f"{name} must be writable and C-contiguous")
+    if forbid_overlap is not None and overlap(out, forbid_overlap, device):
+        raise ValueError(f"{name} must not overlap {reason}")
+
+
+def overlap(a, b, device):
+    """Whether two arrays of one device share memory."""
+    if device == "cpu":
+        return np.may_share_memory(a, b)
+    from fastdl.kernels.cudalib import address, as_cuda_array
+
+    a, b = as_cuda_array(a), as_cuda_array(b)
+    a0, b0 = address(a), address(b)
+    return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
+
+
+def view_shape(shape, axis, population):
+    """(K, outer, n, inner) of an array shape around ``axis`` (counted on the per-model shape,
+    after the leading K axis of a population): the kernels' view of any rank and layout."""
+    n_models = shape[0] if population else 1
+    per_model = shape[1:] if population else shape
+    return (n_models, math.prod(per_model[:axis]), per_model[axis],
+            math.prod(per_model[axis + 1:]))
+
+
+# -- optimizers ---------------------------------------------------------------------------------
+
+def param_groups(params, defaults, optimizer):
+    """An optimizer's ``params`` (a list of arrays, or PyTorch-style parameter groups) as a list
+    of groups ``{"params": [...], **defaults, **the group's own options}``; unknown options
+    are a ValueError naming what ``optimizer`` takes."""
+    if isinstance(params, np.ndarray) or is_device_array(params):
+        raise TypeError("params must be a list of arrays or of parameter groups (dicts); "
+                        f"got a single {describe(params)}")
+    if isinstance(params, dict):
+        params = [params]
+    try:
+        params = list(params)
+    except TypeError:
+        raise TypeError("params must be a list of arrays or of parameter groups; got "
+                        f"{describe(params)}") from None
+    if not params:
+        raise ValueError("params is empty: the optimizer needs at least one array")
+    if not isinstance(params[0], dict):
+        params = [{"params": params}]
+    groups = []
+    for i, group in enumerate(params):
+        if not isinstance(group, dict):
+            raise TypeError(f"params[{i}] must be a parameter group (dict) like params[0]; "
+                            f"got {describe(group)}")
+        unknown = set(group) - set(defaults) - {"params"}
+        if unknown:
+            raise ValueError(f"param_groups[{i}] has unknown option(s) {sorted(unknown)}; "
+                             f"{optimizer} takes {sorted(defaults)}")
+        if "params" not in group:
+            raise ValueError(f"param_groups[{i}] has no 'params'")
+        arrays = group["params"]
+        arrays = [arrays] if isinstance(arrays, np.ndarray) else list(arrays)
+        if not arrays:
+            raise ValueError(f"param_groups[{i}]['params'] is empty")
+        groups.append({"params": arrays, **defaults,
+                       **{k: v for k, v in group.items() if k != "params"}})
+    return groups
+
+
+def optimizer_params(params, population):
+    """Check an optimizer's params (float arrays of one dtype on one device, C-contiguous,
+    writable, each once, with a leading K axis for a population); returns their device."""
+    first = params[0]
+    device = location(first)
+    if device == "cuda":
+        require_cuda()
+    seen = set()
+    for j, p in enumerate(params):
+        on_gpu = is_device_array(p)
+        if on_gpu != (device == "cuda"):
+            where = "a GPU array" if on_gpu else f"a {type(p).__name__} on the host"
+            raise TypeError(f"params[{j}] is {where} but params[0] is on {device}: all "
+                            "params must live on one device")
+        if not on_gpu and not isinstance(p, np.ndarray):
+            raise TypeError(f"params[{j}] must be a NumPy array or a GPU array; got "
+                            f"{describe(p)}")
+        if p.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"params[{j}] must have dtype float32 or float64; got {p.dtype}")
+        if p.dtype != first.dtype:
+            raise TypeError(f"params[{j}] has dtype {p.dtype} but params[0] has "
+                            f"{first.dtype}: all params must share one dtype")
+        if not c_contiguous(p):
+            raise ValueError(f"params[{j}] must be C-contiguous (updated in place, never "
+                             "copied); allocate it with np.ascontiguousarray or flat_params")
+        if not on_gpu and not p.flags.writeable:
+            raise ValueError(f"params[{j}] is read-only; the optimizer updates it in place")
+        if id(p) in seen:
+            raise ValueError(f"params[{j}] appears more than once in params")
+        seen.add(id(p))
+        shape, first_shape = tuple(p.shape), tuple(first.shape)
+        if population and (not shape or not first_shape or shape[0] != first_shape[0]):
+            raise ValueError(f"with population=True every param has a leading axis of K "
+                             f"models; params[{j}] has shape {shape}, params[0] "
+                             f"{first_shape}")
+    return device
+
+
+def grad_error(j, g, p, device):
+    """Raise the error that says why ``g`` cannot be the gradient of ``p`` (params[j])."""
+    if device == "cpu" and is_device_array(g):
+        raise TypeError(f"grads[{j}] is a GPU array but params[{j}] is a NumPy array: params "
+                        "and grads must live on one device")
+    if device == "cuda" and not is_device_array(g):
+        raise TypeError(f"grads[{j}] is a {type(g).__name__} on the host but params[{j}] is "
+                        "a GPU array: params and grads must live on one device")
+    if device == "cpu" and not isinstance(g, np.ndarray):
+        raise TypeError(f"grads[{j}] must be a NumPy array; got {describe(g)}")
+    if g.dtype != p.dtype:
+        raise TypeError(f"grads[{j}] must have dtype {p.dtype} like params[{j}]; got {g.dtype}")
+    if tuple(g.shape) != tuple(p.shape):
+        raise ValueError(f"grads[{j}] must have shape {tuple(p.shape)} like params[{j}]; got "
+                         f"{tuple(g.shape)}")
+    raise ValueError(f"grads[{j}] must be C-contiguous (read in place, never copied); "
+                     "pass a contiguous copy")
