@@ -82,7 +82,6 @@ class _Optimizer:
 
     _defaults = {}  # group keys and their defaults, in the order of the hyperparameter table
     _algorithm = ""
-    _decoupled = False  # AdamW's weight decay
 
     def __init__(self, params, defaults, *, grad_scale=None, skip_nonfinite=False,
                  max_grad_norm=None, ema_decay=None, population=False):
@@ -104,8 +103,9 @@ class _Optimizer:
         # step, re-validating only what changed (group values are user-settable, as in torch).
         from fastdl.kernels import optim as kernels  # compiles nothing yet
 
-        self._kernels = kernels
+        self._kernels, self._coefficients = kernels, kernels.coefficients
         self._layout = kernels.ALGORITHMS[self._algorithm]
+        self._kind = self._layout.kind
         tensor_groups = [g for g, indices in enumerate(self._group_indices) for _ in indices]
         self._ops = _dispatch.select(_OPS, self.device, flat, tensor_groups, self.n_models,
                                      self._algorithm)
@@ -272,6 +272,7 @@ class _Optimizer:
             self._model[:, self._kernels.MODEL.ema_decay] = decay
             self._ema = self._ops.concatenate(self._params)
             self.ema_params = self._ops.views(self._ema)
+        self._ema_argument = self._ops.placeholder if self._ema is None else self._ema
         self._ema_decay = value
 
     # -- state -----------------------------------------------------------------------------
@@ -409,11 +410,9 @@ class _Optimizer:
             self._state_args = self._state_buffers()
         if self._skip_nonfinite or self._max_grad_norm is not None:
             ops.grad_stats(plan, self._model, self._coef, self._sumsq, self._nonfinite)
-        self._kernels.coefficients(self._layout.kind, self._hyper, self._model, self._sumsq,
-                                   self._nonfinite, self._steps, self._active, self._coef,
-                                   self._decoupled)
-        ops.update(plan, self._coef, self._active, self._state_args,
-                   ops.placeholder if self._ema is None else self._ema)
+        self._coefficients(self._kind, self._hyper, self._model, self._sumsq, self._nonfinite,
+                           self._steps, self._active, self._coef)
+        ops.update(plan, self._coef, self._active, self._state_args, self._ema_argument)
         return self._step_info()
 
     def _step_info(self):
@@ -549,7 +548,7 @@ class AdamW(Adam):
     Same parameters as :class:`Adam`, with ``weight_decay=0.01``.
     """
 
-    _decoupled = True
+    _algorithm = "adamw"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
                  amsgrad=False, maximize=False, **options):

@@ -195,7 +195,7 @@ def grad_stats(grad_addresses, chunks, model, like, parallel, sumsq, nonfinite):
 
 # ---------------------------------------------------------------------------------------------
 # Coefficients: host-side scalar math in float64, stored in the parameters' dtype;
-# ``decoupled`` (AdamW's weight decay) only matters to Adam's. The flag columns (an
+# ``decoupled`` (AdamW's weight decay) only matters to Adam's row. The flag columns (an
 # optimizer's ``Algorithm.flags``: which state a row touches) change only with the
 # hyperparameters: the host writes them, and the row builders leave them alone.
 # ---------------------------------------------------------------------------------------------
@@ -276,11 +276,11 @@ def _adam_row(row, h, t, model_row, decoupled):
     row[ADAM.eps] = h[H.eps]
 
 
-SGD_KIND, MOMENTUM_KIND, RMSPROP_KIND, ADAM_KIND = range(4)
+SGD_KIND, MOMENTUM_KIND, RMSPROP_KIND, ADAM_KIND, ADAMW_KIND = range(5)
 
 
 @njit(**CPU_OPTIONS)
-def coefficients(kind, hyper, model, sumsq, nonfinite, steps, active, coef, decoupled):
+def coefficients(kind, hyper, model, sumsq, nonfinite, steps, active, coef):
     """Advance the models (skip, count, gradient multiplier), then fill coefficient row
     g * K + k of every group g and model k for optimizer ``kind``: hyper (G, K, F) float64,
     coef (G * K, columns) in the parameters' dtype."""
@@ -290,13 +290,13 @@ def coefficients(kind, hyper, model, sumsq, nonfinite, steps, active, coef, deco
         for k in range(n_models):
             row, h, t = coef[grp * n_models + k], hyper[grp, k], steps[k]
             if kind == SGD_KIND:
-                _sgd_row(row, h, t, model[k], decoupled)
+                _sgd_row(row, h, t, model[k], False)
             elif kind == MOMENTUM_KIND:
-                _momentum_row(row, h, t, model[k], decoupled)
+                _momentum_row(row, h, t, model[k], False)
             elif kind == RMSPROP_KIND:
-                _rmsprop_row(row, h, t, model[k], decoupled)
+                _rmsprop_row(row, h, t, model[k], False)
             else:
-                _adam_row(row, h, t, model[k], decoupled)
+                _adam_row(row, h, t, model[k], kind == ADAMW_KIND)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,25 +386,26 @@ def _adam_chunk(p, g, m, v, vmax, e, r, amsgrad, use_ema):
 
 def _driver(kind, flag0, flag1, use_ema):
     """The CPU update of optimizer ``kind`` with its flags (``Algorithm.flags``, padded with
-    False to two) and ``use_ema`` fixed: a closure whose constants numba folds, so only the
-    chosen optimizer's loop is compiled, without the flags' branches. Every optimizer takes
-    three state arrays (zero-length placeholders for those it has not)."""
+    False to two) and ``use_ema`` fixed: a closure whose constants numba folds (the branches
+    of the other optimizers are pruned before typing), so only the chosen optimizer's loop is
+    compiled, without the flags' branches. ``state``: the optimizer's state arrays, in
+    ``Algorithm.state`` order (zero-length placeholders for those no row needs)."""
 
-    def update(param_addresses, grad_addresses, chunks, coef, active, state0, state1, state2,
-               ema):
+    def update(param_addresses, grad_addresses, chunks, coef, active, ema, *state):
         for c in prange(chunks.shape[0]):
             if active[chunks[c, CHUNK.model]]:
                 p, g, s0, s1 = _chunk_views(param_addresses, grad_addresses, chunks, c, coef)
-                a, b, d, e = state0[s0:s1], state1[s0:s1], state2[s0:s1], ema[s0:s1]
-                r = coef[chunks[c, CHUNK.row]]
+                r, e = coef[chunks[c, CHUNK.row]], ema[s0:s1]
                 if kind == SGD_KIND:
-                    _sgd_chunk(p, g, a, e, r, flag0, use_ema)
+                    _sgd_chunk(p, g, state[0][s0:s1], e, r, flag0, use_ema)
                 elif kind == MOMENTUM_KIND:
-                    _momentum_chunk(p, g, a, e, r, use_ema)
+                    _momentum_chunk(p, g, state[0][s0:s1], e, r, use_ema)
                 elif kind == RMSPROP_KIND:
-                    _rmsprop_chunk(p, g, a, b, d, e, r, flag0, flag1, use_ema)
+                    _rmsprop_chunk(p, g, state[0][s0:s1], state[1][s0:s1], state[2][s0:s1], e,
+                                   r, flag0, flag1, use_ema)
                 else:
-                    _adam_chunk(p, g, a, b, d, e, r, flag0, use_ema)
+                    _adam_chunk(p, g, state[0][s0:s1], state[1][s0:s1], state[2][s0:s1], e, r,
+                                flag0, use_ema)
 
     return update
 
@@ -433,6 +434,8 @@ ALGORITHMS = {
     "adam": Algorithm(ADAM_HYPER, ADAM, ADAM_KIND, ("amsgrad",),
                       (("exp_avg", None), ("exp_avg_sq", None), ("max_exp_avg_sq", "amsgrad"))),
 }
+# AdamW: Adam's tables and update; its coefficients decouple the weight decay.
+ALGORITHMS["adamw"] = ALGORITHMS["adam"]._replace(kind=ADAMW_KIND)
 
 _UPDATE_KERNELS = {}
 

@@ -164,7 +164,8 @@ def adam_update_cuda(params, grads, chunks, coef, active, exp_avg, exp_avg_sq, m
 
 
 UPDATES = {"sgd": sgd_update_cuda, "momentum": momentum_update_cuda,
-           "rmsprop": rmsprop_update_cuda, "adam": adam_update_cuda}
+           "rmsprop": rmsprop_update_cuda, "adam": adam_update_cuda,
+           "adamw": adam_update_cuda}
 
 
 def _stats_signatures():
