@@ -86,6 +86,15 @@ class _Optim:
         self._seen, self._plan = list(grads), plan
         return plan
 
+    def _set_param_ranges(self):
+        """Remember the params' byte ranges, sorted, to refuse grads that alias them."""
+        ends = self.param_addresses + self.sizes * self.dtype.itemsize
+        self._param_ranges = _validate.sorted_ranges(self.param_addresses, ends)
+
+    def _check_aliasing(self, addresses):
+        _validate.grads_apart_from_params(addresses, addresses + self.sizes * self.dtype.itemsize,
+                                          self._param_ranges)
+
     def views(self, flat):
         offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         return [flat[int(offsets[j]):int(offsets[j + 1])].reshape(s)
@@ -108,6 +117,7 @@ class OptimCpu(_Optim, HostOps):
         self.separate_plan = split(self.rows, chunk)
         self.param_addresses = np.array([p.__array_interface__["data"][0] for p in params],
                                         np.int64)
+        self._set_param_ranges()
         self.flat_plan = None
         if _consecutive(self.param_addresses, self.sizes, self.dtype.itemsize):
             self.flat_plan = split(merged(self.rows, self.sizes), chunk)
@@ -147,6 +157,7 @@ class OptimCpu(_Optim, HostOps):
                     and g.shape == self.shapes[j] and g.flags.c_contiguous):
                 _validate.grad_error(j, g, self.params[j], "cpu")
             addresses[j] = self._address(g)
+        self._check_aliasing(addresses)
         if self.flat_plan is not None and _consecutive(addresses, self.sizes, self.dtype.itemsize):
             return self.param_addresses[:1], addresses[:1].copy(), self.flat_plan
         return self.param_addresses, addresses, self.separate_plan
@@ -180,6 +191,7 @@ class OptimCuda(_Optim, CudaOps):
         super().__init__(params, tensor_groups, n_models, algorithm)
         self._update = optim_cuda.UPDATES[algorithm]
         self.param_addresses = np.array([cudalib.address(p) for p in params], np.int64)
+        self._set_param_ranges()
         flat_params = self._flat_views(params)
         self.flat_plan = None
         if _consecutive(self.param_addresses, self.sizes, self.dtype.itemsize):
@@ -245,6 +257,7 @@ class OptimCuda(_Optim, CudaOps):
                 _validate.grad_error(j, g, self.params[j], "cuda")
             converted.append(g)
         addresses = np.array([self._lib.address(g) for g in converted], np.int64)
+        self._check_aliasing(addresses)
         if self.flat_plan is not None and _consecutive(addresses, self.sizes, self.dtype.itemsize):
             return [((self._lib.span(converted[0], self.total),),) + self.flat_plan]
         flat_grads = self._flat_views(converted)

@@ -6,6 +6,7 @@ shape, length, value or range (an unknown option included); both name the argume
 expected and what came.
 """
 
+import bisect
 import math
 import numbers
 import operator
@@ -43,6 +44,17 @@ def number(value, argument, check=None):
     if check is not None and not check(value):
         raise ValueError(f"{argument} must be {check.__doc__}; got {value!r}")
     return value
+
+
+def real_value(value, argument):
+    """A real number given as any scalar (Python, NumPy, a 0-d host or device array) as a
+    Python float; TypeError for a string, bool, None or anything float() refuses."""
+    if isinstance(value, (str, bytes, bool, np.bool_)) or value is None:
+        raise TypeError(f"{argument} must be a real number; got {describe(value)}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{argument} must be a real number; got {describe(value)}") from None
 
 
 def integer(value, argument, minimum=None):
@@ -295,6 +307,9 @@ def float_array(a, argument, population=False, ranks=(1, None), device=None, oth
                          f"{f' ({needs})' if needs else ''}"
                          f"{' after the leading model axis' * population}; got shape "
                          f"{tuple(a.shape)}")
+    if population and a.shape[0] == 0:
+        raise ValueError(f"{argument} has 0 models along its leading axis (population=True "
+                         f"needs K >= 1); got shape {tuple(a.shape)}")
     if contiguous and not c_contiguous(a):
         raise ValueError(f"{argument} must be C-contiguous (never copied); pass "
                          f"np.ascontiguousarray({argument}) (or its device equivalent)")
@@ -334,6 +349,18 @@ def axis(value, rank, argument="axis"):
         raise ValueError(f"{argument} must be in [{-rank}, {rank}) for a rank-{rank} input; "
                          f"got {value}")
     return int(value) % rank
+
+
+def axis_argument(value, argument, max_rank):
+    """An axis given before the input's rank is known (a layer's constructor): an int (not a
+    bool), TypeError, in [-max_rank, max_rank), ValueError; returned as given (resolved
+    against the input's rank by :func:`axis` at forward)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{argument} must be an int; got {describe(value)}")
+    if not -max_rank <= value < max_rank:
+        raise ValueError(f"{argument} must be in [{-max_rank}, {max_rank}) (inputs have rank "
+                         f"<= {max_rank}); got {value}")
+    return int(value)
 
 
 def per_model_array(a, argument, shape, dtype, device, writable=False, other="x"):
@@ -388,8 +415,10 @@ def class_target(target, logits, row_shape, device):
 def bool_mask(mask, argument, like, like_argument):
     """A mask read beside ``like`` (on its device, which the caller checked): an ``np.bool_``
     array of ``like``'s shape, C-contiguous."""
-    if getattr(mask, "dtype", None) != np.bool_ or tuple(mask.shape) != tuple(like.shape) \
-            or not c_contiguous(mask):
+    if getattr(mask, "dtype", None) != np.bool_:  # a wrong type or dtype: TypeError
+        raise TypeError(f"{argument} must be the forward's bool mask (dtype bool) of "
+                        f"{like_argument}'s shape {tuple(like.shape)}; got {describe(mask)}")
+    if tuple(mask.shape) != tuple(like.shape) or not c_contiguous(mask):
         raise ValueError(f"{argument} must be the forward's C-contiguous bool mask of "
                          f"{like_argument}'s shape {tuple(like.shape)}; got {describe(mask)}")
 
@@ -400,6 +429,7 @@ def examples(X, Y, axis):
     ``axis``."""
     if not isinstance(X, np.ndarray):
         raise TypeError(f"X must be a NumPy array; got {describe(X)}")
+    axis = integer(axis, "axis (the examples axis)")
     if axis not in (0, 1) or X.ndim < axis + 1:
         raise ValueError(f"axis (the examples axis) must be 0 or 1 and exist in X of shape "
                          f"{X.shape}; got {axis!r}")
@@ -408,7 +438,7 @@ def examples(X, Y, axis):
         if not isinstance(Y, np.ndarray):
             raise TypeError(f"Y must be a NumPy array or None; got {describe(Y)}")
         y_axis = 0 if Y.ndim == 1 else axis
-        if Y.shape[y_axis] != m:
+        if Y.ndim <= y_axis or Y.shape[y_axis] != m:
             raise ValueError(f"Y must have X's {m} examples along axis {y_axis}; got shape "
                              f"{Y.shape}")
     return m
@@ -426,10 +456,15 @@ def check_out(out, name, like, device, like_name="x", forbid_overlap=None, reaso
     if device == "cpu" and not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a NumPy array; got {describe(out)}")
     dtype = like.dtype if dtype is None else np.dtype(dtype)
-    if out.dtype != dtype or tuple(out.shape) != tuple(like.shape):
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} (and shape {tuple(like.shape)}); got "
+                         f"{describe(out)}")
+    if tuple(out.shape) != tuple(like.shape):
         raise ValueError(f"{name} must have shape {tuple(like.shape)} and dtype {dtype}; "
                          f"got {describe(out)}")
-    if not c_contiguous(out) or (device == "cpu" and not out.flags.writeable):
+    if device == "cpu" and not out.flags.writeable:
+        raise ValueError(f"{name} is read-only: it is written in place, so it must be writable")
+    if not c_contiguous(out):
         raise ValueError(f"{name} must be writable and C-contiguous")
     if forbid_overlap is not None and overlap(out, forbid_overlap, device):
         raise ValueError(f"{name} must not overlap {reason}")
@@ -453,6 +488,35 @@ def view_shape(shape, axis, population):
     per_model = shape[1:] if population else shape
     return (n_models, math.prod(per_model[:axis]), per_model[axis],
             math.prod(per_model[axis + 1:]))
+
+
+def features_like(X, mean, axis, argument="X"):
+    """A split standardized with statistics ``mean`` (keepdims, of the fitted split): a NumPy
+    array of real numbers (TypeError) with ``mean``'s rank and feature sizes on every axis but
+    the examples ``axis`` (ValueError: never broadcast)."""
+    if not isinstance(X, np.ndarray):
+        raise TypeError(f"{argument} must be a NumPy array; got {describe(X)}")
+    if X.dtype.kind not in "iuf":
+        raise TypeError(f"{argument} must hold real numbers (integer or float dtype); got "
+                        f"dtype {X.dtype}")
+    features = tuple(n for i, n in enumerate(mean.shape) if i != axis)
+    if X.ndim != mean.ndim or tuple(n for i, n in enumerate(X.shape) if i != axis) != features:
+        raise ValueError(f"{argument} must have the fitted features {features} beside its "
+                         f"examples axis {axis}; got shape {X.shape}")
+
+
+def fraction_or_count(value, argument, n):
+    """``value`` as a count in [1, n]: a fraction in (0, 1] (of n, rounded up) or an int in
+    [1, n]; TypeError for any other type."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        if not 1 <= value <= n:
+            raise ValueError(f"{argument} (a count) must be in [1, {n}] (the number of "
+                             f"results); got {value}")
+        return int(value)
+    fraction = number(value, f"{argument} (a fraction, or an int count)")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"{argument} (a fraction) must be in (0, 1]; got {fraction!r}")
+    return max(1, math.ceil(fraction * n))
 
 
 # -- optimizers ---------------------------------------------------------------------------------
@@ -530,7 +594,135 @@ def optimizer_params(params, population):
             raise ValueError(f"with population=True every param has a leading axis of K "
                              f"models; params[{j}] has shape {shape}, params[0] "
                              f"{first_shape}")
+    params_apart(params, device)
     return device
+
+
+def byte_ranges(arrays, device):
+    """(start, end) int64 (n,) each: the address range of each C-contiguous array of
+    ``device`` (host addresses, or device addresses for GPU arrays)."""
+    if device == "cpu":
+        starts = [a.__array_interface__["data"][0] for a in arrays]
+    else:
+        from fastdl.kernels.cudalib import address, as_cuda_array
+
+        starts = [address(as_cuda_array(a)) for a in arrays]
+    starts = np.array(starts, np.int64)
+    return starts, starts + np.array([a.size * a.dtype.itemsize for a in arrays], np.int64)
+
+
+def params_apart(params, device):
+    """ValueError unless no two params share memory (two views of one buffer that overlap
+    would be updated twice per step). Views of one buffer side by side (flat_params) pass.
+    O(n log n): sorted by start address, each range must begin at or after the end of the
+    ranges before it; empty arrays hold no memory and are left out."""
+    starts, ends = byte_ranges(params, device)
+    order = np.argsort(starts, kind="stable")
+    order = order[ends[order] > starts[order]]
+    if len(order) < 2:
+        return
+    reach = np.maximum.accumulate(ends[order])  # the furthest end of the ranges so far
+    clash = np.flatnonzero(starts[order[1:]] < reach[:-1])
+    if clash.size:
+        j = int(order[clash[0] + 1])
+        i = int(order[np.flatnonzero(ends[order[:clash[0] + 1]] > starts[j])[0]])
+        i, j = min(i, j), max(i, j)
+        raise ValueError(f"params[{j}] overlaps params[{i}] in memory (views of one buffer "
+                         "that share elements would be updated twice per step); pass each "
+                         "element once")
+
+
+def grads_apart_from_params(grad_starts, grad_ends, param_ranges):
+    """ValueError if a grad shares memory with a param: the update writes p before it is
+    done reading the grads (and the non-finite check reads them all first). Grads may share
+    memory with each other (they are only read). ``param_ranges``: :func:`sorted_ranges` of
+    the params (disjoint, see :func:`params_apart`).
+
+    Each grad [a, b) is checked against the last param starting before b (the params are
+    sorted and disjoint): O(n log n). A few grads are checked in plain Python (a NumPy call
+    costs more than the whole test)."""
+    starts, ends, indices, few = param_ranges
+    if few is not None and len(grad_starts) <= _FEW:
+        for j, (a, b) in enumerate(zip(grad_starts.tolist(), grad_ends.tolist())):
+            k = bisect.bisect_left(few[0], b) - 1
+            if b > a and k >= 0 and few[1][k] > a:
+                _grad_alias_error(j, int(indices[k]))
+        return
+    if not len(starts):
+        return
+    k = np.searchsorted(starts, grad_ends, side="left") - 1  # the last param starting before
+    hit = (k >= 0) & (grad_ends > grad_starts)
+    hit &= ends[np.maximum(k, 0)] > grad_starts
+    if hit.any():
+        j = int(np.flatnonzero(hit)[0])
+        _grad_alias_error(j, int(indices[k[j]]))
+
+
+_FEW = 8
+
+
+def _grad_alias_error(j, i):
+    raise ValueError(f"grads[{j}] shares memory with params[{i}]: a gradient must not alias a "
+                     "parameter (the step writes the params while it reads the grads); pass a "
+                     "separate gradient buffer")
+
+
+def sorted_ranges(starts, ends):
+    """(starts, ends, param indices, Python lists of starts and ends or None) of the params'
+    byte ranges sorted by start, for :func:`grads_apart_from_params`."""
+    order = np.argsort(starts, kind="stable")
+    order = order[ends[order] > starts[order]]  # empty params hold no memory
+    starts, ends = starts[order], ends[order]
+    few = (starts.tolist(), ends.tolist()) if len(starts) <= _FEW else None
+    return starts, ends, order, few
+
+
+def entries(d, argument, required):
+    """Check that the dict ``d`` has exactly the keys ``required`` (a saved state's layout):
+    TypeError for a non-dict, ValueError naming a missing or an unknown key."""
+    if not isinstance(d, dict):
+        raise TypeError(f"{argument} must be a dict; got {describe(d)}")
+    for key in required:
+        if key not in d:
+            raise ValueError(f"{argument} has no {key!r} entry")
+    unknown = [k for k in d if k not in required]
+    if unknown:
+        raise ValueError(f"{argument} has unknown entr{'ies' if len(unknown) > 1 else 'y'} "
+                         f"{unknown}; expected {list(required)}")
+
+
+def step_counts(value, argument, shape):
+    """Saved step counts as int64 of ``shape``: an integer array, or a float one holding
+    whole numbers (torch saves its steps as floats); counts are >= 0."""
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "iuf":
+        raise TypeError(f"{argument} must be an int64 array of shape {shape}; got "
+                        f"{describe(value)}")
+    if value.shape != shape:
+        raise ValueError(f"{argument} must have shape {shape}; got {value.shape}")
+    if value.dtype.kind == "f" and not np.all(np.isfinite(value) & (value == np.round(value))):
+        raise ValueError(f"{argument} must hold whole numbers; got {value}")
+    if np.any(value < 0):
+        raise ValueError(f"{argument} must be >= 0; got {value}")
+    return value.astype(np.int64)
+
+
+def state_arrays(arrays, argument, shapes, dtype):
+    """A saved state buffer: a list of arrays (host or device), one per param, of the
+    params' ``shapes`` and ``dtype``; TypeError for a wrong type or dtype, ValueError for a
+    wrong count or shape."""
+    if not isinstance(arrays, (list, tuple)):
+        raise TypeError(f"{argument} must be a list of arrays, one per param; got "
+                        f"{describe(arrays)}")
+    if len(arrays) != len(shapes):
+        raise ValueError(f"{argument} has {len(arrays)} arrays; expected {len(shapes)}")
+    for j, (a, shape) in enumerate(zip(arrays, shapes)):
+        if not (isinstance(a, np.ndarray) or is_device_array(a)):
+            raise TypeError(f"{argument}[{j}] must be an array; got {describe(a)}")
+        if a.dtype != dtype:
+            raise TypeError(f"{argument}[{j}] must have dtype {dtype}; got {a.dtype}")
+        if tuple(a.shape) != shape:
+            raise ValueError(f"{argument}[{j}] must have shape {shape}; got "
+                             f"{tuple(a.shape)}")
 
 
 def grad_error(j, g, p, device):

@@ -134,7 +134,9 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True,
     models is added and statistics are per model and channel). gamma, beta, running_mean,
     running_var: (C,) arrays of x's dtype ((K, C) for a population); gamma / beta None mean
     1 / 0; running statistics None are not tracked in training and are required at test time.
-    Training updates the running statistics in place. ``out``: where to write y.
+    Training updates the running statistics in place. ``out``: where to write y. An input
+    with no values (an empty batch, or C = 0) gives an empty y and leaves the running
+    statistics alone, as torch.nn.functional.batch_norm.
     """
     population = _validate.population_flag(population)
     device = _validate.float_array(x, "x", population, ranks=(2, 5))
@@ -161,6 +163,9 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True,
     eps = _validate.number(eps, "eps", _validate.positive)
     _validate.check_out(out, "out", x, device, forbid_overlap=x,
                         reason="x: backward reads x from the cache")
+    if 0 in view:  # an empty batch or no channels: PyTorch's empty y, statistics untouched
+        return _empty_forward(x, gamma, training, axis, population, m, device, per_channel,
+                              out)
 
     ops = _dispatch.select(_FAMILY, device, view)
     if training:
@@ -190,6 +195,25 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True,
     return y, cache
 
 
+class _EmptyOps:
+    """The cache's ``ops`` for an empty input: no kernels, the (K, outer, C, inner) view and
+    the device's allocation helpers."""
+
+    def __init__(self, device, view):
+        self.device, self.view, self.arrays = device, view, _dispatch.arrays(device)
+
+
+def _empty_forward(x, gamma, training, axis, population, m, device, per_channel, out):
+    """Batch norm of an input with no values (m = 0 or C = 0), as torch.nn.functional.
+    batch_norm: an empty y, and running statistics left as they are (no batch to average)."""
+    arrays = _dispatch.arrays(device)
+    y = arrays.empty_like(x) if out is None else out
+    view = _validate.view_shape(tuple(x.shape), axis, population)
+    cache = BatchNormCache(x, np.zeros(per_channel), np.ones(per_channel), gamma, training, axis,
+                           population, m, _EmptyOps(device, view))
+    return y, cache
+
+
 def _per_channel_host(ops, a, n_models, channels, default):
     if a is None:
         return np.full((n_models, channels), default)
@@ -213,6 +237,10 @@ def batch_norm_backward(dy, cache, out=None):
         raise error(f"dy must have the forward input's shape {x.shape} and dtype {x.dtype}; "
                     f"got {_validate.describe(dy)}")
     _validate.check_out(out, "out", x, device)
+    if isinstance(cache.ops, _EmptyOps):  # no values: an empty dx, sums over nothing are 0
+        arrays = cache.ops.arrays
+        return (arrays.empty_like(x) if out is None else out,
+                arrays.zeros(cache.mean.shape, x.dtype), arrays.zeros(cache.mean.shape, x.dtype))
 
     ops, m = cache.ops, cache.m
     n_models, channels = ops.view[0], ops.view[2]

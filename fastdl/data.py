@@ -21,6 +21,7 @@ def minibatches(X, Y=None, batch_size=64, seed=None, axis=0, shuffle=True):
     C-contiguous copies (``Y_batch`` None without Y)."""
     m = _validate.examples(X, Y, axis)
     batch_size = _validate.integer(batch_size, "batch_size", minimum=1)
+    shuffle = _validate.flag(shuffle, "shuffle")
     order = np.random.default_rng(seed).permutation(m) if shuffle else np.arange(m)
     for start in range(0, m, batch_size):
         index = order[start:start + batch_size]
@@ -32,7 +33,9 @@ def train_dev_test_split(X, Y, fractions=(0.8, 0.1, 0.1), seed=0, axis=0):
     """Shuffle (seeded) and split into ``((X_train, Y_train), (X_dev, Y_dev), (X_test,
     Y_test))`` by ``fractions`` (summing to 1; the test part takes what rounding leaves)."""
     m = _validate.examples(X, Y, axis)
-    fractions = np.asarray(fractions, np.float64)
+    if isinstance(fractions, (str, bytes)) or np.ndim(fractions) != 1:
+        raise TypeError(f"fractions must be three numbers; got {_validate.describe(fractions)}")
+    fractions = np.array([_validate.number(f, f"fractions[{i}]") for i, f in enumerate(fractions)])
     if fractions.shape != (3,) or np.any(fractions < 0) or not np.isclose(fractions.sum(), 1):
         raise ValueError(f"fractions must be three numbers >= 0 summing to 1; got "
                          f"{fractions.tolist()}")
@@ -46,24 +49,41 @@ def train_dev_test_split(X, Y, fractions=(0.8, 0.1, 0.1), seed=0, axis=0):
 class Standardizer:
     """Input normalization: ``fit`` on the training split takes each feature's mean and
     standard deviation over the examples; ``transform`` applies ``(X - mean) / std`` to any
-    split with the *training* statistics (features with no spread are only centered)."""
+    split with the *training* statistics (features with no spread are only centered).
+
+    ``axis``: the examples axis (0 or 1); features with std <= ``eps`` are only centered.
+    """
 
     def __init__(self, axis=0, eps=1e-8):
-        self.axis, self.eps = axis, eps
+        self.axis = _validate.option(_validate.integer(axis, "axis"), "axis", (0, 1))
+        self.eps = _validate.number(eps, "eps", _validate.finite_nonnegative)
         self.mean = self.std = None
 
     def fit(self, X):
         _validate.examples(X, None, self.axis)
+        if X.dtype.kind not in "iuf":
+            raise TypeError(f"X must hold real numbers (integer or float dtype); got dtype "
+                            f"{X.dtype}")
         self.mean = X.mean(axis=self.axis, keepdims=True)
         std = X.std(axis=self.axis, keepdims=True)
         self.std = np.where(std > self.eps, std, 1.0)
         return self
 
     def transform(self, X, dtype=None):
+        """``(X - mean) / std`` as a new C-contiguous array of ``dtype`` (float32 or float64;
+        None: X's float dtype, float64 for integer X: never truncated back to integers). X
+        must have the fitted features (never broadcast)."""
         if self.mean is None:
             raise ValueError("transform needs fit (on the training split) first")
+        _validate.features_like(X, self.mean, self.axis)
+        if dtype is not None:
+            dtype = _validate.float_dtype(dtype, "dtype")
+        elif X.dtype.kind == "f":
+            dtype = X.dtype
+        else:
+            dtype = np.dtype(np.float64)
         out = (X - self.mean) / self.std
-        return np.ascontiguousarray(out, dtype=dtype or X.dtype)
+        return np.ascontiguousarray(out, dtype=dtype)
 
     def fit_transform(self, X, dtype=None):
         return self.fit(X).transform(X, dtype)

@@ -11,6 +11,7 @@ import numpy as np
 
 from . import _validate
 from .device import to_host
+from .nn import Layer
 
 
 def numerical_gradient(f, x, eps=1e-6):
@@ -38,6 +39,9 @@ def relative_difference(analytic, numeric):
     """``||analytic - numeric|| / (||analytic|| + ||numeric||)`` (0 when both are 0)."""
     analytic = np.asarray(to_host(analytic), np.float64)
     numeric = np.asarray(numeric, np.float64)
+    if analytic.shape != numeric.shape:  # never broadcast one against the other
+        raise ValueError(f"analytic and numeric must have one shape; got {analytic.shape} and "
+                         f"{numeric.shape}")
     scale = np.linalg.norm(analytic) + np.linalg.norm(numeric)
     return 0.0 if scale == 0 else float(np.linalg.norm(analytic - numeric) / scale)
 
@@ -51,6 +55,12 @@ def check_layer(layer, x, target=None, loss=None, eps=1e-6, seed=0):
     layer ``loss`` (and ``target``), a network is checked end to end:
     ``loss.forward(layer.forward(x), target)``.
     """
+    for name, value in [("layer", layer), ("loss", loss)]:
+        if not isinstance(value, Layer) and not (name == "loss" and value is None):
+            raise TypeError(f"{name} must be a fastdl.nn layer; got {_validate.describe(value)}")
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"x must be a NumPy array; got {_validate.describe(x)}")
+    eps = _validate.number(eps, "eps", _validate.positive)  # checked before the layer runs
     x = np.array(x, order="C")  # a copy, perturbed in place
     is_loss = target is not None and loss is None
 

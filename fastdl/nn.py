@@ -15,7 +15,7 @@ from . import _dense, _dispatch, _validate
 from .batchnorm import batch_norm_backward, batch_norm_forward
 from .device import is_device_array, location, threads_beside_blas, to_host
 from .dropout import dropout_backward, dropout_forward
-from .softmax import softmax_cross_entropy
+from .softmax import REDUCTIONS, softmax_cross_entropy
 
 
 class Layer:
@@ -57,6 +57,13 @@ class Layer:
             buffer = buffers[name] = _dispatch.arrays(location(like)).empty(tuple(shape), dtype)
         return buffer
 
+    def _out_like(self, name, a, dtype=None):
+        """:meth:`_out` for an output shaped like the input ``a`` (of ``a``'s dtype, or
+        ``dtype``); None when ``a`` is no array, so the function's own checks reject it."""
+        if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+            return None
+        return self._out(name, a.shape, a.dtype if dtype is None else dtype, a)
+
 
 def _model_seeds(seed, population):
     """One seed per model: ``seed`` itself without a population; with one, a sequence of K
@@ -94,6 +101,7 @@ class Linear(Layer):
         self.n_in = _validate.integer(n_in, "n_in", minimum=1)
         self.n_out = _validate.integer(n_out, "n_out", minimum=1)
         self.init = _validate.option(init, "init", ("he", "xavier"))
+        bias = _validate.flag(bias, "bias")
         # -1: batch-first (1 taken as its synonym); 0: the notes' (features, examples)
         feature_axis = _validate.option(feature_axis, "feature_axis", (-1, 0, 1))
         self.feature_axis = -1 if feature_axis == 1 else feature_axis
@@ -146,6 +154,7 @@ class Linear(Layer):
         data needs no gradient, and its product is skipped)."""
         if self._x is None:
             raise ValueError("backward needs a forward first")
+        input_grad = _validate.flag(input_grad, "input_grad")
         x = self._x
         expected = self._out_shape(x)
         _validate.layer_input(dout, "dout", len(expected), self.dtype, self.device,
@@ -237,27 +246,39 @@ class BatchNorm(Layer):
         self.device = _validate.layer_device(device)
         self.momentum = _validate.number(momentum, "momentum", _validate.closed_unit_interval)
         self.eps = _validate.number(eps, "eps", _validate.positive)
-        self.channel_axis = channel_axis  # checked against the input's rank in forward
+        # an int in [-5, 5) (inputs have rank <= 5); checked against the input's rank in forward
+        self.channel_axis = _validate.axis_argument(channel_axis, "channel_axis", 5)
         shape = (num_features,) if population is None else (population, num_features)
-        self.gamma, self.beta = self._filled(storage, shape, "storage", (1.0, 0.0))
-        self.dgamma, self.dbeta = self._filled(grad_storage, shape, "grad_storage", (0.0, 0.0))
+        storage = self._checked(storage, shape, "storage")  # both checked before either
+        grad_storage = self._checked(grad_storage, shape, "grad_storage")  # is written
+        self.gamma, self.beta = self._filled(storage, shape, (1.0, 0.0))
+        self.dgamma, self.dbeta = self._filled(grad_storage, shape, (0.0, 0.0))
         arrays = _dispatch.arrays(self.device)
         self.running_mean = arrays.zeros(shape, self.dtype)
         self.running_var = arrays.full(shape, 1, self.dtype)
         self._cache = None
 
-    def _filled(self, given, shape, name, values):
-        """(gamma, beta) or their gradients: ``given`` arrays, or new ones, filled with
-        ``values``."""
-        arrays = _dispatch.arrays(self.device)
+    def _checked(self, given, shape, name):
+        """``given`` (None, or two arrays for (gamma, beta) or their gradients) as a list,
+        checked: writable (C,) or (K, C) arrays of the layer's dtype on its device."""
         if given is None:
-            return [arrays.full(shape, v, self.dtype) for v in values]
-        given = list(given)
+            return None
+        if not isinstance(given, (list, tuple)):
+            raise TypeError(f"{name} must be a list or tuple of two arrays (gamma, beta); got "
+                            f"{_validate.describe(given)}")
         if len(given) != 2:
             raise ValueError(f"{name} must hold two arrays (gamma, beta); got {len(given)}")
         for i, a in enumerate(given):
             _validate.per_model_array(a, f"{name}[{i}]", shape, self.dtype, self.device,
                                       writable=True, other="the layer")
+        return list(given)
+
+    def _filled(self, given, shape, values):
+        """(gamma, beta) or their gradients: ``given`` (checked) arrays, or new ones, filled
+        with ``values``."""
+        arrays = _dispatch.arrays(self.device)
+        if given is None:
+            return [arrays.full(shape, v, self.dtype) for v in values]
         for a, v in zip(given, values):
             arrays.write(a, np.full(shape, v, self.dtype))
         return given
@@ -268,7 +289,7 @@ class BatchNorm(Layer):
             x, self.gamma, self.beta, self.running_mean, self.running_var,
             training=self.training, momentum=self.momentum, eps=self.eps,
             channel_axis=self.channel_axis, population=self.population is not None,
-            out=self._out("y", x.shape, x.dtype, x))
+            out=self._out_like("y", x))
         return y
 
     def backward(self, dout):
@@ -276,8 +297,7 @@ class BatchNorm(Layer):
         if self._cache is None:
             raise ValueError("backward needs a forward first")
         dx, dgamma, dbeta = batch_norm_backward(dout, self._cache,
-                                                out=self._out("dx", dout.shape, dout.dtype,
-                                                              dout))
+                                                out=self._out_like("dx", dout))
         arrays = _dispatch.arrays(self.device)
         arrays.write(self.dgamma, dgamma)
         arrays.write(self.dbeta, dbeta)
@@ -318,10 +338,10 @@ class Dropout(Layer):
             seed = self._call_seed(self.seed)
         else:
             seed = np.array([self._call_seed(s) for s in self.seed], np.int64)
-        self.calls += 1
         y, self._mask = dropout_forward(x, self.p, seed, population=self.population is not None,
-                                        out=self._out("y", x.shape, x.dtype, x),
-                                        mask_out=self._out("mask", x.shape, np.bool_, x))
+                                        out=self._out_like("y", x),
+                                        mask_out=self._out_like("mask", x, np.bool_))
+        self.calls += 1  # after the call: a rejected input draws no mask
         return y
 
     def backward(self, dout):
@@ -330,8 +350,7 @@ class Dropout(Layer):
             return dout
         if self._mask is None:
             raise ValueError("backward needs a training forward first")
-        return dropout_backward(dout, self._mask, self.p,
-                                out=self._out("dx", dout.shape, dout.dtype, dout))
+        return dropout_backward(dout, self._mask, self.p, out=self._out_like("dx", dout))
 
     def __repr__(self):
         return f"Dropout(p={self.p}, training={self.training})"
@@ -348,14 +367,20 @@ class SoftmaxCrossEntropy(Layer):
     def __init__(self, axis=-1, reduction="mean", label_smoothing=0.0, ignore_index=-100,
                  population=None):
         population = _validate.model_count(population)
-        self.options = dict(axis=axis, reduction=reduction, label_smoothing=label_smoothing,
-                            ignore_index=ignore_index, population=population is not None)
+        # checked here as the function checks them (axis against the rank at forward)
+        self.options = dict(
+            axis=_validate.integer(axis, "axis"),
+            reduction=_validate.option(reduction, "reduction", REDUCTIONS),
+            label_smoothing=_validate.number(label_smoothing, "label_smoothing",
+                                             _validate.closed_unit_interval),
+            ignore_index=_validate.integer(ignore_index, "ignore_index"),
+            population=population is not None)
         self._grad = None
 
     def forward(self, logits, target):
         """The loss of ``logits`` (classes along ``axis``) against ``target`` (class indices
         or probabilities); the gradient is kept for :meth:`backward`."""
-        out = self._out("dlogits", logits.shape, logits.dtype, logits)
+        out = self._out_like("dlogits", logits)
         loss, self._grad = softmax_cross_entropy(logits, target, out=out, **self.options)
         self._scale = 1.0
         return loss
@@ -495,8 +520,8 @@ class EarlyStopping:
 
     def step(self, dev_loss):
         """Record one epoch's dev loss; True when training should stop."""
+        dev_loss = _validate.real_value(dev_loss, "dev_loss")  # a bad value counts no epoch
         self.epoch += 1
-        dev_loss = float(dev_loss)
         if dev_loss < self.best_loss - self.min_delta:
             self.best_loss, self.best_epoch = dev_loss, self.epoch
             self.best_params = [np.array(to_host(p)) for p in self.model.params()]

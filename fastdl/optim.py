@@ -15,6 +15,11 @@ Steps 2-3 read the gradients once (only when asked for); steps 1 and 3-7 are one
 The kernels live in ``fastdl.kernels.optim``; this module validates, keeps the state, and
 dispatches.
 
+Memory: no two params may share an element (ValueError at construction; views of one buffer
+side by side, as ``flat_params`` makes, are fine), and no grad may share memory with a param
+(ValueError at the step: the update writes params while it reads grads). Grads may share memory
+with each other: they are only read. PyTorch checks neither; aliasing there is undefined.
+
 Population (``population=True``): every param has a leading axis of K models; any
 hyperparameter may be a length-K array, and skipping and clipping are per model.
 
@@ -32,7 +37,7 @@ import numpy as np
 
 from . import _dispatch, _validate
 from ._optim_ops import OptimCpu, OptimCuda
-from .device import get_device, is_device_array, to_host
+from .device import get_device, to_host
 
 _OPS = {"cpu": OptimCpu, "cuda": OptimCuda}
 
@@ -141,26 +146,44 @@ class _Optimizer:
         """Copy changed group hyperparameters into the float64 table, validating them.
 
         Returns True when something changed (the state buffers needed may have too); the
-        flag columns of the coefficient rows are rewritten then.
+        flag columns of the coefficient rows are rewritten then. A value is recorded as seen
+        (and skipped by the identity test next time) only once every group passed all its
+        checks, so a rejected value is checked again on every step and a rejected step
+        changes nothing. Arrays are always re-read: they can change in place.
         """
-        any_changed = False
+        pending = None
         for g, (group, seen) in enumerate(zip(self.param_groups, self._seen)):
-            changed = False
+            changed = None
             for key in self._defaults:
                 try:
                     value = group[key]
                 except KeyError:
                     raise ValueError(f"param_groups[{g}] lost its {key!r} entry") from None
                 if value is not seen.get(key, _MISSING) or isinstance(value, np.ndarray):
-                    self._set_hyper(g, key, value)
-                    seen[key] = value
-                    changed = True
-            if changed:
-                self._check_group(g)
-                any_changed = True
-        if any_changed:
-            self._set_row_flags()
-        return any_changed
+                    if changed is None:
+                        changed = {}
+                    changed[key] = value
+            if changed is not None:
+                if pending is None:
+                    pending = []
+                pending.append((g, self._checked_row(g, changed), changed))
+        if pending is None:
+            return False
+        for g, row, changed in pending:  # every group passed: commit
+            self._hyper[g] = row
+            self._seen[g].update(changed)
+        self._set_row_flags()
+        return True
+
+    def _checked_row(self, g, values):
+        """Group ``g``'s (K, columns) hyperparameter row with ``values`` ({key: value})
+        validated and written in, and the group's cross-checks passed; the table itself is
+        not touched."""
+        row = self._hyper[g].copy()
+        for key, value in values.items():
+            self._set_hyper(row, g, key, value)
+        self._check_group(g, row)
+        return row
 
     def _set_row_flags(self):
         """Write the flag columns of the coefficient rows (which state each row touches) and
@@ -180,28 +203,33 @@ class _Optimizer:
         """The (groups, K) float64 values of hyperparameter column ``key``."""
         return self._hyper[:, :, getattr(self._layout.hyper, key)]
 
-    def _set_hyper(self, g, key, value):
+    def _set_hyper(self, row, g, key, value):
+        """Validate group ``g``'s ``key`` = ``value`` into ``row`` ((K, columns) float64)."""
         column = self._column(key)
         name = f"param_groups[{g}]['{key}']" if len(self.param_groups) > 1 else key
         rule = _RULES[key]
         if key == "betas":
-            if not isinstance(value, (tuple, list)) or len(value) != 2:
-                raise ValueError(f"{name} must be a pair (beta1, beta2); got {value!r}")
+            if not isinstance(value, (tuple, list)):
+                raise TypeError(f"{name} must be a pair (beta1, beta2); got "
+                                f"{_validate.describe(value)}")
+            if len(value) != 2:
+                raise ValueError(f"{name} must be a pair (beta1, beta2); got {len(value)} "
+                                 f"values {value!r}")
             columns = [_validate.hyperparameter(b, f"{name}[{i}]", self._k, rule)
                        for i, b in enumerate(value)]
-            self._hyper[g, :, column] = columns[0]
-            self._hyper[g, :, column + 1] = columns[1]
+            row[:, column] = columns[0]
+            row[:, column + 1] = columns[1]
         elif rule == "flag":
-            self._hyper[g, :, column] = _validate.hyperparameter(value, name, self._k, None,
-                                                               flag=True)
+            row[:, column] = _validate.hyperparameter(value, name, self._k, None, flag=True)
         else:
-            self._hyper[g, :, column] = _validate.hyperparameter(value, name, self._k, rule)
+            row[:, column] = _validate.hyperparameter(value, name, self._k, rule)
 
     def _column(self, key):
         return getattr(self._layout.hyper, "beta1" if key == "betas" else key)
 
-    def _check_group(self, g):
-        """Cross-checks between one group's hyperparameters (SGD: nesterov)."""
+    def _check_group(self, g, row):
+        """Cross-checks between group ``g``'s hyperparameters ``row`` ((K, columns), SGD:
+        nesterov); ValueError."""
 
     @property
     def lr(self):
@@ -210,8 +238,8 @@ class _Optimizer:
 
     @lr.setter
     def lr(self, value):
-        for g in range(len(self.param_groups)):
-            self._set_hyper(g, "lr", value)
+        values = _validate.hyperparameter(value, "lr", self._k, _RULES["lr"])
+        self._hyper[:, :, self._column("lr")] = values
         for group, seen in zip(self.param_groups, self._seen):
             group["lr"] = value
             seen["lr"] = value
@@ -321,62 +349,22 @@ class _Optimizer:
 
     def load_state_dict(self, state_dict):
         """Restore :meth:`state_dict`'s output (host arrays) so that training continues
-        bit-identically. Everything is checked before anything is changed."""
-        d = state_dict
-        if not isinstance(d, dict) or d.get("optimizer") != type(self).__name__:
-            got = d.get("optimizer") if isinstance(d, dict) else _validate.describe(d)
-            raise ValueError(f"state_dict must come from {type(self).__name__}.state_dict(); "
-                             f"got one from {got!r}")
-        steps = np.asarray(d["step"])
-        if steps.shape != self._steps.shape:
-            raise ValueError(f"state_dict['step'] must have shape {self._steps.shape}; got "
-                             f"{steps.shape}")
-        if len(d["param_groups"]) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(d['param_groups'])} parameter groups; this "
-                             f"optimizer has {len(self.param_groups)}")
-        for g, (saved, group) in enumerate(zip(d["param_groups"], self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"state_dict param group {g} has {len(saved['params'])} "
-                                 f"params; this optimizer's has {len(group['params'])}")
-        tensors = dict(d["state"])
-        if d.get("ema") is not None:
-            if self._ema is None:
-                raise ValueError("state_dict holds EMA weights but this optimizer has "
-                                 "ema_decay=None")
-            tensors["ema"] = d["ema"]
-        for name, arrays in tensors.items():
-            if name != "ema" and name not in self._known_state():
-                raise ValueError(f"state_dict['state'] has unknown buffer {name!r}")
-            if len(arrays) != len(self._shapes):
-                raise ValueError(f"state_dict['state'][{name!r}] has {len(arrays)} arrays; "
-                                 f"expected {len(self._shapes)}")
-            for j, (a, shape) in enumerate(zip(arrays, self._shapes)):
-                a = np.asarray(a) if not is_device_array(a) else a
-                if tuple(a.shape) != shape or a.dtype != self.dtype:
-                    raise ValueError(f"state_dict['state'][{name!r}][{j}] must have shape "
-                                     f"{shape} and dtype {self.dtype}; got "
-                                     f"{_validate.describe(a)}")
-        # Validate the hyperparameters on a copy of the groups before touching anything.
-        saved_groups = [{k: _copy(saved[k]) for k in self._defaults}
-                        for saved in d["param_groups"]]
-        backup = (self._hyper.copy(), [dict(s) for s in self._seen],
-                  [{k: group[k] for k in self._defaults} for group in self.param_groups])
-        try:
-            for group, saved in zip(self.param_groups, saved_groups):
-                group.update(saved)
-            self._refresh_hyper()
-        except (TypeError, ValueError):
-            self._hyper, self._seen = backup[0], backup[1]
-            for group, old in zip(self.param_groups, backup[2]):
-                group.update(old)
-            self._set_row_flags()
-            raise
-        options = d.get("options", {})
-        self.grad_scale = options.get("grad_scale")
-        self.max_grad_norm = options.get("max_grad_norm")
-        self.skip_nonfinite = options.get("skip_nonfinite", False)
-        if self._ema is not None and options.get("ema_decay") is not None:
-            self._model[:, self._kernels.MODEL.ema_decay] = options["ema_decay"]
+        bit-identically. The whole dict is checked before anything is changed: a rejected
+        load leaves hyperparameters, options, state buffers and step counts as they were."""
+        plan = self._checked_state_dict(state_dict)
+        hyper, groups, options, steps, tensors = plan
+        # Nothing below raises: every value was validated above.
+        self._hyper[:] = hyper
+        for group, seen, saved in zip(self.param_groups, self._seen, groups):
+            group.update(saved)
+            seen.clear()
+            seen.update(saved)
+        self._set_row_flags()
+        self.grad_scale = options["grad_scale"]
+        self.max_grad_norm = options["max_grad_norm"]
+        self.skip_nonfinite = options["skip_nonfinite"]
+        if self._ema is not None and options["ema_decay"] is not None:
+            self._model[:, self._kernels.MODEL.ema_decay] = options["ema_decay_values"]
             self._ema_decay = options["ema_decay"]
         self._steps[:] = steps
         self._state_args = None
@@ -393,13 +381,87 @@ class _Optimizer:
             if name not in tensors:
                 self._state[name] = self._zero_state()
 
+    _STATE_KEYS = ("optimizer", "step", "state", "ema", "param_groups", "options")
+    _OPTION_KEYS = ("grad_scale", "max_grad_norm", "skip_nonfinite", "ema_decay")
+
+    def _checked_state_dict(self, d):
+        """Validate a state dict as a whole; returns (hyperparameter table, group values,
+        options, step counts, {buffer: arrays}) ready to apply. ValueError for a missing or
+        unknown entry, a wrong count, shape or value; TypeError for a wrong type or dtype."""
+        name = type(self).__name__
+        if not isinstance(d, dict):
+            raise TypeError(f"state_dict must be a dict from {name}.state_dict(); got "
+                            f"{_validate.describe(d)}")
+        if "optimizer" in d and d["optimizer"] != name:
+            raise ValueError(f"state_dict['optimizer'] must be {name!r} (a state dict of "
+                             f"{name}.state_dict()); got one from {d['optimizer']!r}")
+        _validate.entries(d, "state_dict", self._STATE_KEYS)
+        steps = _validate.step_counts(d["step"], "state_dict['step']", self._steps.shape)
+
+        saved_groups = d["param_groups"]
+        if not isinstance(saved_groups, (list, tuple)):
+            raise TypeError("state_dict['param_groups'] must be a list of dicts; got "
+                            f"{_validate.describe(saved_groups)}")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} parameter groups; this "
+                             f"optimizer has {len(self.param_groups)}")
+        hyper, groups = self._hyper.copy(), []
+        for g, (saved, indices) in enumerate(zip(saved_groups, self._group_indices)):
+            argument = f"state_dict['param_groups'][{g}]"
+            _validate.entries(saved, argument, ("params", *self._defaults))
+            if not isinstance(saved["params"], (list, tuple)):
+                raise TypeError(f"{argument}['params'] must be a list of param indices; got "
+                                f"{_validate.describe(saved['params'])}")
+            if len(saved["params"]) != len(indices):
+                raise ValueError(f"state_dict param group {g} has {len(saved['params'])} "
+                                 f"params; this optimizer's has {len(indices)}")
+            values = {k: _copy(saved[k]) for k in self._defaults}
+            hyper[g] = self._checked_row(g, values)
+            groups.append(values)
+
+        options = d["options"]
+        _validate.entries(options, "state_dict['options']", self._OPTION_KEYS)
+        options = dict(options)
+        self._per_model_option(options["grad_scale"], "state_dict['options']['grad_scale']",
+                               1.0)
+        self._per_model_option(options["max_grad_norm"],
+                               "state_dict['options']['max_grad_norm']", 0.0)
+        _validate.flag(options["skip_nonfinite"], "state_dict['options']['skip_nonfinite']")
+        if options["ema_decay"] is not None:
+            options["ema_decay_values"] = _validate.hyperparameter(
+                options["ema_decay"], "state_dict['options']['ema_decay']", self._k,
+                _validate.closed_unit_interval)
+        if (d["ema"] is None) != (options["ema_decay"] is None):
+            raise ValueError("state_dict['ema'] and state_dict['options']['ema_decay'] must "
+                             "both be set or both be None")
+        if d["ema"] is not None and self._ema is None:
+            raise ValueError("state_dict holds EMA weights but this optimizer has "
+                             "ema_decay=None")
+
+        state = d["state"]
+        if not isinstance(state, dict):
+            raise TypeError(f"state_dict['state'] must be a dict of buffers; got "
+                            f"{_validate.describe(state)}")
+        tensors = {}
+        for buffer, arrays in state.items():
+            if buffer not in self._known_state():
+                raise ValueError(f"state_dict['state'] has unknown buffer {buffer!r}; "
+                                 f"{name} keeps {self._known_state()}")
+            _validate.state_arrays(arrays, f"state_dict['state'][{buffer!r}]", self._shapes,
+                                   self.dtype)
+            tensors[buffer] = arrays
+        if d["ema"] is not None:
+            _validate.state_arrays(d["ema"], "state_dict['ema']", self._shapes, self.dtype)
+            tensors["ema"] = d["ema"]
+        return hyper, groups, options, steps, tensors
+
     # -- the step --------------------------------------------------------------------------
 
     def step(self, grads):
         """Apply one update with ``grads`` (one array per param, in param order).
 
-        Returns :class:`StepInfo`. Invalid grads or hyperparameters raise before anything
-        changes.
+        Returns :class:`StepInfo`. Invalid grads (a grad sharing memory with a param
+        included) or hyperparameters raise before anything changes, on every step until fixed.
         """
         if isinstance(grads, np.ndarray):
             raise TypeError("grads must be a list of arrays, one per param; got a single "
@@ -465,10 +527,10 @@ class SGD(_Optimizer):
                                       weight_decay=weight_decay, nesterov=nesterov,
                                       maximize=maximize), **options)
 
-    def _check_group(self, g):
+    def _check_group(self, g, row):
         H = self._layout.hyper
-        momentum, dampening = self._hyper[g, :, H.momentum], self._hyper[g, :, H.dampening]
-        bad = (self._hyper[g, :, H.nesterov] != 0) & ((momentum <= 0) | (dampening != 0))
+        momentum, dampening = row[:, H.momentum], row[:, H.dampening]
+        bad = (row[:, H.nesterov] != 0) & ((momentum <= 0) | (dampening != 0))
         if np.any(bad):
             raise ValueError(f"param_groups[{g}]: nesterov=True needs momentum > 0 and "
                              f"dampening = 0; got momentum={momentum[bad][0]}, "

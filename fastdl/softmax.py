@@ -159,6 +159,17 @@ def log_softmax(z, axis=-1, out=None):
     return _normalize(z, axis, out, LOG_SOFTMAX)
 
 
+def _empty_batch(ops, logits, row_shape, reduction, population, n_models, out):
+    """Cross-entropy over no positions, as torch.nn.functional.cross_entropy: "mean" NaN (0 /
+    0), "sum" 0, "none" an empty array; dlogits is empty too."""
+    dlogits = ops.empty_like(logits) if out is None else out
+    if reduction == "none":
+        return ops.result(ops.zeros(0, logits.dtype), row_shape), dlogits
+    loss = np.full(n_models, np.nan if reduction == "mean" else 0.0)
+    return ops.result(ops.from_host(loss, logits.dtype), (n_models,) if population else ()), \
+        dlogits
+
+
 def softmax_cross_entropy(logits, target, axis=-1, reduction="mean", label_smoothing=0.0,
                           ignore_index=-100, population=False, out=None):
     """Cross-entropy of softmax(logits) against ``target``, and its gradient: ``(loss,
@@ -171,6 +182,8 @@ def softmax_cross_entropy(logits, target, axis=-1, reduction="mean", label_smoot
     positions not ignored; NaN when all are), "sum" or "none" (per position; ignored ones 0).
     label_smoothing: eps in [0, 1]. population: a leading axis of K models, each reduced on
     its own (loss of shape (K,)). out: where to write dlogits (may be logits itself).
+    An empty batch gives torch's results ("mean" NaN, "sum" 0, "none" empty); no classes
+    (C = 0) is a ValueError.
 
     loss is a NumPy scalar of logits' dtype on the CPU (a 0-d device array on the GPU), an
     array for "none" or a population; dlogits is the gradient of the reduced loss.
@@ -180,6 +193,9 @@ def softmax_cross_entropy(logits, target, axis=-1, reduction="mean", label_smoot
     class_axis = _validate.axis(axis, len(logits.shape) - int(population))
     view = _validate.view_shape(tuple(logits.shape), class_axis, population)
     n_models, _, n_classes, _ = view
+    if n_classes == 0:  # torch: an IndexError (index targets) or NaN (probabilities)
+        raise ValueError(f"logits must have at least one class along axis {axis}; got shape "
+                         f"{tuple(logits.shape)}")
     lead = int(population)
     row_shape = tuple(logits.shape[:lead + class_axis] + logits.shape[lead + class_axis + 1:])
     is_index = _validate.class_target(target, logits, row_shape, device)
@@ -192,6 +208,8 @@ def softmax_cross_entropy(logits, target, axis=-1, reduction="mean", label_smoot
 
     ops = _dispatch.select(_FAMILY, device, view, logits.dtype)
     per_model = np.prod(row_shape[lead:], dtype=np.int64)
+    if per_model == 0:  # an empty batch: torch's results, and no kernel to launch
+        return _empty_batch(ops, logits, row_shape, reduction, population, n_models, out)
     if labels is not None:
         counts, bad = ops.label_counts(labels, ignore_index)
         if bad is not None:

@@ -114,11 +114,11 @@ class choice(_Sampler):  # noqa: N801
 
 def _bounds(lo, hi, name):
     for value, what in [(lo, "lo"), (hi, "hi")]:
-        if not _validate.is_real_scalar(value) or not math.isfinite(value):
-            raise TypeError(f"{name} {what} must be a finite number; got {value!r}")
+        _validate.number(value, f"{name} {what}", _validate.finite)
+    lo, hi = float(lo), float(hi)
     if not lo < hi:
         raise ValueError(f"{name} needs lo < hi; got ({lo!r}, {hi!r})")
-    return float(lo), float(hi)
+    return lo, hi
 
 
 def _check_space(space):
@@ -134,8 +134,7 @@ def _check_space(space):
 def sample_space(space, n, seed=None):
     """``n`` values of every hyperparameter: a dict name -> array (or list for choice)."""
     _check_space(space)
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be an int >= 1; got {n!r}")
+    n = _validate.integer(n, "n", minimum=1)
     rng = np.random.default_rng(seed)
     return {name: sampler.sample(rng, n) for name, sampler in space.items()}
 
@@ -166,10 +165,18 @@ def coarse_to_fine(space, results, keep=0.25, metric="dev_accuracy", maximize=Tr
     """A finer space: each sampler narrowed to the range spanned by the best ``keep`` of
     ``results`` (a fraction, or a count), on its own scale, widened by ``margin``."""
     _check_space(space)
+    if isinstance(results, (dict, str, bytes)) or not hasattr(results, "__len__"):
+        raise TypeError(f"results must be a list of dicts; got {_validate.describe(results)}")
     if not results:
         raise ValueError("coarse_to_fine needs results to narrow around")
-    count = keep if isinstance(keep, (int, np.integer)) and not isinstance(keep, bool) \
-        else max(1, int(math.ceil(float(keep) * len(results))))
+    for i, record in enumerate(results):
+        if not isinstance(record, dict):
+            raise TypeError(f"results[{i}] must be a dict; got {_validate.describe(record)}")
+        missing = [name for name in space if name not in record]
+        if missing:
+            raise ValueError(f"results[{i}] has no value for {missing[0]!r} (every result "
+                             f"needs every key of the space: {list(space)})")
+    count = _validate.fraction_or_count(keep, "keep", len(results))
     top = best(results, metric, maximize, keep=count)
     return {name: sampler.around([r[name] for r in top], margin)
             for name, sampler in space.items()}

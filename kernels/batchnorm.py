@@ -13,8 +13,8 @@ order:
 Both visit memory in order, a block of rows (then of channels, then of positions) per work
 item.
 
-Work items run under ``prange`` (a serial twin below ``config.PARALLEL_MIN_SIZE`` elements); each
-writes its own partial sums, which the host adds up per channel in float64.
+Work items run under ``prange`` (a serial twin below ``config.PARALLEL_MIN_SIZE`` elements or on
+one thread); each writes its own partial sums, which the host adds up per channel in float64.
 
 Two kinds of pass, shared by forward and backward:
 
@@ -35,10 +35,10 @@ import functools
 from collections import namedtuple
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from . import config
-from .config import MIN_CHUNK_SIZE, cpu_kernel_pair, threads
+from .config import CACHE, FASTMATH_REPRODUCIBLE, MIN_CHUNK_SIZE, cpu_kernel_pair, threads
 
 # Runs: arrays (K, outer, C, inner); items (n, 7) = (k, o0, o1, c0, c1, i0, i1), a block of
 # rows, channels and positions in the run, visited in memory order. Partial sums: (n, C).
@@ -50,6 +50,52 @@ BLOCK = 256
 
 # Inner loops run over range(n) on slices: an index that numba cannot prove non-negative gets a
 # wrap-around test per element, which halved the speed of these loops.
+
+
+@njit(fastmath=FASTMATH_REPRODUCIBLE, error_model="numpy", cache=CACHE)
+def _block_comoment(u, v, a, b):
+    """(sum(u - a), sum((u - a) * (v - b))) over one block, in the storage dtype.
+
+    The order of the additions is fixed (lane i % LANES, then the lanes pairwise) and compiled
+    without reassociation: a reduction that LLVM may reassociate was vectorized differently
+    when the parallel kernel was just compiled and when it was loaded from the cache (numba
+    issue 10617), and the sums differed in their last bits between the two. A separate
+    function (not inlined by numba) so that its instructions keep these flags."""
+    zero = a - a
+    p0 = p1 = p2 = p3 = p4 = p5 = p6 = p7 = zero
+    q0 = q1 = q2 = q3 = q4 = q5 = q6 = q7 = zero
+    n = u.shape[0]
+    i = 0
+    while i + LANES <= n:
+        d0, d1, d2, d3 = u[i] - a, u[i + 1] - a, u[i + 2] - a, u[i + 3] - a
+        d4, d5, d6, d7 = u[i + 4] - a, u[i + 5] - a, u[i + 6] - a, u[i + 7] - a
+        p0 += d0
+        p1 += d1
+        p2 += d2
+        p3 += d3
+        p4 += d4
+        p5 += d5
+        p6 += d6
+        p7 += d7
+        q0 += d0 * (v[i] - b)
+        q1 += d1 * (v[i + 1] - b)
+        q2 += d2 * (v[i + 2] - b)
+        q3 += d3 * (v[i + 3] - b)
+        q4 += d4 * (v[i + 4] - b)
+        q5 += d5 * (v[i + 5] - b)
+        q6 += d6 * (v[i + 6] - b)
+        q7 += d7 * (v[i + 7] - b)
+        i += LANES
+    while i < n:
+        d0 = u[i] - a
+        p0 += d0
+        q0 += d0 * (v[i] - b)
+        i += 1
+    return (((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)),
+            ((q0 + q1) + (q2 + q3)) + ((q4 + q5) + (q6 + q7)))
+
+
+LANES = 8
 
 
 def _comoment_runs(u, v, ku, kv, items, s1, s2):
@@ -64,13 +110,8 @@ def _comoment_runs(u, v, ku, kv, items, s1, s2):
                 ur, vr = u[k, o, c, i0:i1], v[k, o, c, i0:i1]
                 a, b = ku[k, c], kv[k, c]
                 for start in range(0, ur.shape[0], BLOCK):
-                    ub, vb = ur[start:start + BLOCK], vr[start:start + BLOCK]
-                    t1 = a - a
-                    t2 = a - a
-                    for i in range(ub.shape[0]):
-                        du = ub[i] - a
-                        t1 += du
-                        t2 += du * (vb[i] - b)
+                    t1, t2 = _block_comoment(ur[start:start + BLOCK], vr[start:start + BLOCK],
+                                             a, b)
                     acc1[c] += np.float64(t1)
                     acc2[c] += np.float64(t2)
 
@@ -205,9 +246,9 @@ def plan(n_models, outer, channels, inner):
     Work is split along the rows first (memory order), then the channels, then the runs, until
     there are ~4 items per thread (for load balance) or nothing left to split. Plans are
     cached: a training loop asks for the same few shapes every step."""
-    total = n_models * outer * channels * inner
-    parallel = total >= config.PARALLEL_MIN_SIZE
-    return _plan(n_models, outer, channels, inner, parallel, threads())
+    n_threads = threads()
+    parallel = n_threads > 1 and n_models * outer * channels * inner >= config.PARALLEL_MIN_SIZE
+    return _plan(n_models, outer, channels, inner, parallel, n_threads)
 
 
 @functools.lru_cache(maxsize=256)

@@ -128,13 +128,13 @@ CHUNK = 65_536  # elements per work item: a few per thread even at 1e6 elements
 def forward(x, n_models, keys_low, keys_high, model_stride, thresholds, scales, y, mask):
     """The mask and y of x, each viewed as (K, n) rows (host arrays, as :func:`forward_kernel`
     says)."""
-    kernel = forward_parallel if x.size >= config.PARALLEL_MIN_SIZE else forward_serial
+    kernel = forward_parallel if config.use_parallel(x.size) else forward_serial
     kernel(x.reshape(n_models, -1), keys_low, keys_high, model_stride, thresholds, scales,
            CHUNK, y.reshape(n_models, -1), mask.reshape(n_models, -1))
 
 
 def backward(dy, mask, n_models, scales, dx):
     """dx = dy * mask * scales[k], each viewed as (K, n) rows."""
-    kernel = backward_parallel if dy.size >= config.PARALLEL_MIN_SIZE else backward_serial
+    kernel = backward_parallel if config.use_parallel(dy.size) else backward_serial
     kernel(dy.reshape(n_models, -1), mask.reshape(n_models, -1), scales, CHUNK,
            dx.reshape(n_models, -1))

@@ -53,6 +53,20 @@ def scale_by_pow2(typingctx, x, n):
     return x(x, n), codegen
 
 
+@intrinsic
+def fused_multiply_add(typingctx, a, b, c):
+    """``a * b + c`` rounded once (llvm.fma), for floats of one dtype: an explicit FMA leaves
+    LLVM no choice of whether to fuse, so the result does not depend on how a kernel was
+    compiled (a multiply and an add may be fused or not under ``contract``)."""
+    if not (isinstance(a, types.Float) and a == b == c):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+
+    return a(a, b, c), codegen
+
+
 def exp_fast(x):
     """``e**x`` for ``x <= 0`` as plain arithmetic, so that loops over it vectorize (numba's
     ``math.exp`` is a scalar libm call here). Below the smallest normal result it returns 0

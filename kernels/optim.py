@@ -32,7 +32,7 @@ from collections import namedtuple
 import numpy as np
 from numba import njit, prange
 
-from .config import CPU_OPTIONS, cpu_kernel_pair
+from .config import CACHE, CPU_OPTIONS, FASTMATH, FASTMATH_REPRODUCIBLE, cpu_kernel, cpu_kernel_pair
 from .floats import is_finite
 from .pointers import view
 
@@ -148,6 +148,31 @@ _shared = njit(inline="always", **CPU_OPTIONS)(shared_coefficients)
 # Pass 1: gradient statistics.
 # ---------------------------------------------------------------------------------------------
 
+@njit(fastmath=FASTMATH_REPRODUCIBLE, error_model="numpy", cache=CACHE)
+def _sum_squares(g, inv_scale):
+    """sum((g * inv_scale)**2) in float64, in a fixed order (lane i % 4, then the lanes
+    pairwise), compiled without reassociation or FMA contraction: LLVM vectorized the
+    reassociable sum differently when the parallel kernel was just compiled and when it was
+    loaded from the cache (numba issue 10617), and the clipping norm differed in its last
+    bits. A separate function (not inlined by numba) so that its instructions keep these flags."""
+    s0 = s1 = s2 = s3 = 0.0
+    n = g.shape[0]
+    i = 0
+    while i + 4 <= n:
+        x0, x1 = np.float64(g[i] * inv_scale), np.float64(g[i + 1] * inv_scale)
+        x2, x3 = np.float64(g[i + 2] * inv_scale), np.float64(g[i + 3] * inv_scale)
+        s0 += x0 * x0
+        s1 += x1 * x1
+        s2 += x2 * x2
+        s3 += x3 * x3
+        i += 4
+    while i < n:
+        x0 = np.float64(g[i] * inv_scale)
+        s0 += x0 * x0
+        i += 1
+    return (s0 + s1) + (s2 + s3)
+
+
 def _grad_stats(grad_addresses, chunks, model, like, chunk_sumsq, chunk_nonfinite):
     """Per chunk: sum of (g / grad_scale)**2 in float64, and whether any of them is inf/NaN.
 
@@ -159,10 +184,7 @@ def _grad_stats(grad_addresses, chunks, model, like, chunk_sumsq, chunk_nonfinit
         g = view(grad_addresses[chunks[c, CHUNK.ptr]], chunks[c, CHUNK.lo], chunks[c, CHUNK.hi],
                  like)
         inv_scale = g.dtype.type(model[chunks[c, CHUNK.model], MODEL.inv_scale])
-        sumsq = 0.0
-        for i in range(g.shape[0]):
-            x = np.float64(g[i] * inv_scale)
-            sumsq += x * x
+        sumsq = _sum_squares(g, inv_scale)
         nonfinite = False
         if not is_finite(sumsq):
             for i in range(g.shape[0]):
@@ -174,7 +196,7 @@ def _grad_stats(grad_addresses, chunks, model, like, chunk_sumsq, chunk_nonfinit
 _grad_stats_serial, _grad_stats_parallel = cpu_kernel_pair(_grad_stats)
 
 
-@njit(**CPU_OPTIONS)
+@cpu_kernel
 def _reduce_per_model(chunks, chunk_sumsq, chunk_nonfinite, sumsq, nonfinite):
     sumsq[:] = 0.0
     nonfinite[:] = False
@@ -200,7 +222,7 @@ def grad_stats(grad_addresses, chunks, model, like, parallel, sumsq, nonfinite):
 # hyperparameters: the host writes them, and the row builders leave them alone.
 # ---------------------------------------------------------------------------------------------
 
-@njit(**CPU_OPTIONS)
+@njit(**CPU_OPTIONS)  # a helper of coefficients(), not launched: not registered
 def _advance_models(model, sumsq, nonfinite, steps, active):
     """Decide per model whether it steps, count the step, and set its gradient multiplier."""
     for k in range(model.shape[0]):
@@ -279,7 +301,7 @@ def _adam_row(row, h, t, model_row, decoupled):
 SGD_KIND, MOMENTUM_KIND, RMSPROP_KIND, ADAM_KIND, ADAMW_KIND = range(5)
 
 
-@njit(**CPU_OPTIONS)
+@cpu_kernel
 def coefficients(kind, hyper, model, sumsq, nonfinite, steps, active, coef):
     """Advance the models (skip, count, gradient multiplier), then fill coefficient row
     g * K + k of every group g and model k for optimizer ``kind``: hyper (G, K, F) float64,
@@ -448,8 +470,13 @@ def update_kernel(algorithm, flags, use_ema, parallel):
     pair = _UPDATE_KERNELS.get(key)
     if pair is None:
         flag0, flag1 = (tuple(flags) + (False, False))[:2]
+        name = f"optim.update.{algorithm}{''.join('_' + str(int(f)) for f in flags)}" \
+            f"_ema{int(use_ema)}"
+        # without FMA contraction: contracted, a cached parallel update gave other bits than
+        # the one just compiled (config.FASTMATH_REPRODUCIBLE)
         pair = _UPDATE_KERNELS[key] = cpu_kernel_pair(
-            _driver(ALGORITHMS[algorithm].kind, flag0, flag1, use_ema))
+            _driver(ALGORITHMS[algorithm].kind, flag0, flag1, use_ema), name,
+            fastmath=FASTMATH - {"contract"})
     return pair[1] if parallel else pair[0]
 
 

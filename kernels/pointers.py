@@ -10,6 +10,8 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .config import CACHE, register
+
 
 @intrinsic
 def _void_pointer(typingctx, address):
@@ -19,10 +21,12 @@ def _void_pointer(typingctx, address):
     return types.voidptr(address), codegen
 
 
-@njit(cache=True)
 def address(a):
     """The address of ``a``'s first element (as an int)."""
     return a.ctypes.data
+
+
+address = register("pointers.address", njit(cache=CACHE)(address))
 
 
 @njit(inline="always")

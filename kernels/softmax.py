@@ -24,6 +24,13 @@ with ``lse = max + log(sum_j e_j)`` and ``w = grad_scale[model]`` (1 / count for
 ignored positions get loss 0 and gradient 0. ``smoothing`` holds (1 - eps, eps, eps / C) in the
 logits' dtype, made on the host so that no float64 enters the vector loops. Unused target
 arrays are passed as 1-element dummies. Losses are written in float64 for the host to reduce.
+
+Accuracy: every sum over classes is blocked (BLOCK values in the logits' dtype, vectorized, then
+float64), so float32 holds SPEC.md's tolerance at C = 1e6. Reproducibility: the loops whose
+result depends on the order LLVM picks under fast-math (multiply-adds, the per-position loss and
+coefficients) are compiled as separate functions without ``contract`` / ``reassoc`` or with an
+explicit FMA, so a parallel kernel loaded from numba's cache gives the bits of one just
+compiled (numba issue 10617; tests/test_softmax_accuracy.py).
 """
 
 import math
@@ -31,8 +38,15 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .config import CPU_OPTIONS, FASTMATH_IN_ORDER, cpu_kernel_pair
-from .floats import exp_fast, from_ordered_bits, ordered_bits, ordered_bits_empty
+from . import config
+from .config import CPU_OPTIONS, FASTMATH, FASTMATH_IN_ORDER, cpu_kernel_pair
+from .floats import (
+    exp_fast,
+    from_ordered_bits,
+    fused_multiply_add,
+    ordered_bits,
+    ordered_bits_empty,
+)
 
 SOFTMAX, LOG_SOFTMAX, XENT_INDEX, XENT_PROB = range(4)
 
@@ -50,16 +64,71 @@ def _row_max(z):
     return from_ordered_bits(top, z[0])
 
 
+# Sums over classes: a partial sum in the logits' dtype over BLOCK values (a vectorized loop, no
+# conversion per element), carried in float64 across blocks; one float32 running sum over
+# C = 1e6 values is off by ~1e-4 relative (SPEC.md asks for float32 to hold at any C <= 1e6).
+BLOCK = 256
+
+
 @njit(inline="always")
 def _row_sum(z, shift):
-    """sum(z - shift): the logits enter the loss relative to their max, exact near it."""
-    total = z.dtype.type(0)
-    for j in range(z.shape[0]):
-        total += z[j] - shift
+    """sum(z - shift) in float64: the logits enter the loss relative to their max, exact near
+    it."""
+    total = 0.0
+    for start in range(0, z.shape[0], BLOCK):
+        zb = z[start:start + BLOCK]
+        part = z.dtype.type(0)
+        for j in range(zb.shape[0]):
+            part += zb[j] - shift
+        total += np.float64(part)
     return total
 
 
-@njit(fastmath=FASTMATH_IN_ORDER, error_model="numpy", cache=True)
+# The multiply-adds of the probability targets are compiled without ``contract``, in functions
+# of their own (not numba-inlined, so that their instructions keep these flags): whether LLVM
+# fused them into FMAs differed between a parallel kernel just compiled and the same kernel
+# loaded from numba's cache (numba issue 10617), one ulp apart in a third of the gradients.
+FASTMATH_NO_FMA = FASTMATH - {"contract"}
+
+
+@njit(fastmath=FASTMATH_NO_FMA, error_model="numpy", cache=config.CACHE)
+def _target_sums(z, t, shift):
+    """(sum_j t_j * (z_j - shift), sum_j t_j) in float64."""
+    dot = mass = 0.0
+    for start in range(0, z.shape[0], BLOCK):
+        zb, tb = z[start:start + BLOCK], t[start:start + BLOCK]
+        part_dot = part_mass = z.dtype.type(0)
+        for j in range(zb.shape[0]):
+            part_dot += tb[j] * (zb[j] - shift)
+            part_mass += tb[j]
+        dot += np.float64(part_dot)
+        mass += np.float64(part_mass)
+    return dot, mass
+
+
+@njit(fastmath=FASTMATH_NO_FMA, error_model="numpy", cache=config.CACHE)
+def _target_sums_tile(z, t, top, part_dot, part_mass):
+    """part_dot += t * (z - top), part_mass += t, per position of a tile."""
+    for j in range(z.shape[0]):
+        part_dot[j] += t[j] * (z[j] - top[j])
+        part_mass[j] += t[j]
+
+
+@njit(fastmath=FASTMATH_NO_FMA, error_model="numpy", cache=config.CACHE)
+def _prob_grad(e, t, a, c, b, out):
+    """out = e * a - (c * t + b): the gradient from e = exp(z - max) (``out`` may be ``e``)."""
+    for j in range(e.shape[0]):
+        out[j] = e[j] * a - (c * t[j] + b)
+
+
+@njit(fastmath=FASTMATH_NO_FMA, error_model="numpy", cache=config.CACHE)
+def _prob_grad_tile(e, t, a, c, b, out):
+    """out = e * a - (c * t + b) per position of a tile, ``a`` per position."""
+    for j in range(e.shape[0]):
+        out[j] = e[j] * a[j] - (c * t[j] + b)
+
+
+@njit(fastmath=FASTMATH_IN_ORDER, error_model="numpy", cache=config.CACHE)
 def _shift_row(z, top, log_total, out):
     """out = (z - top) - log_total, in that order: exact where z is near top (z - lse is not,
     once top is large: 3e4 + log_total rounds to 0.002 in float32)."""
@@ -67,37 +136,84 @@ def _shift_row(z, top, log_total, out):
         out[j] = (z[j] - top) - log_total
 
 
-@njit(fastmath=FASTMATH_IN_ORDER, error_model="numpy", cache=True)
+@njit(fastmath=FASTMATH_IN_ORDER, error_model="numpy", cache=config.CACHE)
 def _shift_tile(z, top, log_total, out):
     """out = (z - top) - log_total per position of a tile (see _shift_row)."""
     for j in range(z.shape[0]):
         out[j] = (z[j] - top[j]) - log_total[j]
 
 
+@njit(fastmath=FASTMATH_IN_ORDER, error_model="numpy", cache=config.CACHE)
+def _shifted_sum_tile(z, top, part):
+    """part += z - top per position of a tile, in that order: without ``reassoc`` LLVM has no
+    second order (``(part + z) - top``) to pick, whichever way the kernel was compiled."""
+    for j in range(z.shape[0]):
+        part[j] += z[j] - top[j]
+
+
+# The per-position scalars (loss, gradient coefficients) are computed in float64 by these
+# functions, compiled without fast-math and not inlined by numba (their instructions keep these
+# flags). That was not enough: the float64 loss ``mass * lse - keep * dot`` still differed
+# between a parallel kernel just compiled and one loaded from numba's cache (numba issue 10617:
+# one of them fused the multiply and the subtraction), so every multiply-add here is an
+# explicit FMA, which no compilation can split or fuse differently.
+@njit(error_model="numpy", cache=config.CACHE)
+def _index_terms(w, keep, eps, n_classes, total, label_gap, z_sum):
+    """Loss ``keep * (lse - z_y) + eps * (lse - mean_j z_j)`` and ``w / total``, float64."""
+    keep, eps, log_total = np.float64(keep), np.float64(eps), math.log(total)
+    loss = fused_multiply_add(keep, log_total + label_gap, eps * (log_total - z_sum / n_classes))
+    return loss, np.float64(w) / total
+
+
+@njit(error_model="numpy", cache=config.CACHE)
+def _prob_terms(w, keep, eps, uniform, total, target_dot_z, target_sum, z_sum):
+    """Loss ``T * lse - sum_j t_j z_j`` (``T = keep * sum_j y_j + eps``, sums relative to the
+    max) and the softmax coefficient ``w * T / total``, float64."""
+    keep, eps, uniform = np.float64(keep), np.float64(eps), np.float64(uniform)
+    mass = fused_multiply_add(keep, target_sum, eps)
+    loss = fused_multiply_add(-uniform, z_sum,
+                              fused_multiply_add(-keep, target_dot_z, mass * math.log(total)))
+    return loss, np.float64(w) * mass / total
+
+
+@njit(inline="always")
+def _exp_sum(zr, top):
+    """sum_j exp(zr_j - top) in float64."""
+    total = 0.0
+    for start in range(0, zr.shape[0], BLOCK):
+        zb = zr[start:start + BLOCK]
+        part = zr.dtype.type(0)
+        for j in range(zb.shape[0]):
+            part += exp_fast(zb[j] - top)
+        total += np.float64(part)
+    return total
+
+
 @njit(inline="always")
 def _log_softmax_row(zr, outr):
     top = _row_max(zr)
-    total = zr.dtype.type(0)
-    for j in range(zr.shape[0]):
-        total += exp_fast(zr[j] - top)
-    _shift_row(zr, top, np.log(total), outr)
+    _shift_row(zr, top, zr.dtype.type(math.log(_exp_sum(zr, top))), outr)
 
 
 @njit(inline="always")
 def _exp_row(zr, top, outr):
-    """outr = exp(zr - top); returns the sum of outr."""
-    total = zr.dtype.type(0)
-    for j in range(zr.shape[0]):
-        e = exp_fast(zr[j] - top)
-        outr[j] = e
-        total += e
+    """outr = exp(zr - top); returns the sum of outr in float64."""
+    total = 0.0
+    for start in range(0, zr.shape[0], BLOCK):
+        zb, ob = zr[start:start + BLOCK], outr[start:start + BLOCK]
+        part = zr.dtype.type(0)
+        for j in range(zb.shape[0]):
+            e = exp_fast(zb[j] - top)
+            ob[j] = e
+            part += e
+        total += np.float64(part)
     return total
 
 
 @njit(inline="always")
 def _softmax_row(zr, outr):
     total = _exp_row(zr, _row_max(zr), outr)
-    inverse = 1 / total
+    inverse = zr.dtype.type(1 / total)
     for j in range(zr.shape[0]):
         outr[j] *= inverse
 
@@ -109,37 +225,28 @@ def _index_xent_row(zr, label, w, keep, eps, uniform, outr):
     top = _row_max(zr)
     # what the loss needs of z, read before outr (which may be zr) is written
     label_gap = np.float64(top - zr[label])
-    z_sum = np.float64(_row_sum(zr, top)) if eps != 0 else 0.0
+    z_sum = _row_sum(zr, top) if eps != 0 else 0.0
     total = _exp_row(zr, top, outr)
-    log_total = math.log(np.float64(total))
-    a, b = w / total, w * uniform
+    loss, a = _index_terms(w, keep, eps, n_classes, total, label_gap, z_sum)
+    a, b = zr.dtype.type(a), w * uniform
     for j in range(n_classes):
         outr[j] = outr[j] * a - b
     outr[label] -= w * keep
-    # lse - z_j = log_total + (top - z_j)
-    return keep * (log_total + label_gap) + eps * (log_total - z_sum / n_classes)
+    return loss
 
 
 @njit(inline="always")
 def _prob_xent_row(zr, tr, w, keep, eps, uniform, outr):
     """Write the gradient of row ``zr`` with target probabilities ``tr`` into ``outr``; return
     the loss."""
-    n_classes = zr.shape[0]
     top = _row_max(zr)
-    target_dot_z = target_sum = zr.dtype.type(0)
-    for j in range(n_classes):
-        target_dot_z += tr[j] * (zr[j] - top)
-        target_sum += tr[j]
-    z_sum = _row_sum(zr, top) if eps != 0 else zr.dtype.type(0)
+    target_dot_z, target_sum = _target_sums(zr, tr, top)
+    z_sum = _row_sum(zr, top) if eps != 0 else 0.0
     total = _exp_row(zr, top, outr)
-    log_total = math.log(np.float64(total))
-    mass = keep * target_sum + eps
-    a, b, c = w * mass / total, w * uniform, w * keep
-    for j in range(n_classes):
-        outr[j] = outr[j] * a - (c * tr[j] + b)
-    # sum_j t_j (lse - z_j) with lse - z_j = log_total - (z_j - top)
-    return (np.float64(mass) * log_total - np.float64(keep) * target_dot_z
-            - np.float64(uniform) * z_sum)
+    loss, a = _prob_terms(w, keep, eps, uniform, total, target_dot_z, target_sum, z_sum)
+    a, b, c = zr.dtype.type(a), w * uniform, w * keep
+    _prob_grad(outr, tr, a, c, b, outr)
+    return loss
 
 
 def rows_kernel(z, index_target, prob_target, grad_scale, rows_per_model, smoothing,
@@ -172,14 +279,16 @@ def tiles_kernel(z, index_target, prob_target, grad_scale, rows_per_model, smoot
 
     Work items are (row, tile of TILE positions); each of ``n_workers`` takes a contiguous
     share and keeps one scratch block (per-position max bits, sums, labels) for all of them.
+    Sums over classes run per position in the logits' dtype over BLOCK classes (``part_*``),
+    then in float64 (``total``, ``target_dot_z``, ...).
     """
     n_rows, n_classes, inner = z.shape
     n_tiles = (inner + TILE - 1) // TILE
     n_items = n_rows * n_tiles
     keep, eps, uniform = smoothing[0], smoothing[1], smoothing[2]
     for worker in prange(n_workers):
-        top, total, label_gap, target_dot_z, target_sum, z_sum, scale, offset = (
-            np.empty((8, TILE), z.dtype))
+        top, part_a, part_b, scale, offset = np.empty((5, TILE), z.dtype)
+        total, target_dot_z, target_sum, z_sum, label_gap = np.empty((5, TILE), np.float64)
         top_bits = ordered_bits_empty(TILE, z[0, 0, 0])
         labels = np.empty(TILE, np.int64)
         for item in range(worker * n_items // n_workers, (worker + 1) * n_items // n_workers):
@@ -208,50 +317,59 @@ def tiles_kernel(z, index_target, prob_target, grad_scale, rows_per_model, smoot
                     ignored = labels[j] == ignore_index
                     label_gap[j] = 0 if ignored else top[j] - zr[labels[j], lo + j]
             elif mode == XENT_PROB:
-                for c in range(n_classes):
-                    zc, tc = zr[c, lo:lo + n], prob_target[r, c, lo:lo + n]
+                for c0 in range(0, n_classes, BLOCK):
+                    part_a[:n] = 0
+                    part_b[:n] = 0
+                    for c in range(c0, min(c0 + BLOCK, n_classes)):
+                        _target_sums_tile(zr[c, lo:lo + n], prob_target[r, c, lo:lo + n], top,
+                                          part_a, part_b)
                     for j in range(n):
-                        target_dot_z[j] += tc[j] * (zc[j] - top[j])
-                        target_sum[j] += tc[j]
+                        target_dot_z[j] += part_a[j]
+                        target_sum[j] += part_b[j]
             if eps != 0:
-                for c in range(n_classes):
-                    zc = zr[c, lo:lo + n]
+                for c0 in range(0, n_classes, BLOCK):
+                    part_a[:n] = 0
+                    for c in range(c0, min(c0 + BLOCK, n_classes)):
+                        _shifted_sum_tile(zr[c, lo:lo + n], top, part_a)
                     for j in range(n):
-                        z_sum[j] += zc[j] - top[j]
+                        z_sum[j] += part_a[j]
             # pass B: e = exp(z - max) (into out unless log-softmax), and its sum
-            for c in range(n_classes):
-                zc, oc = zr[c, lo:lo + n], outr[c, lo:lo + n]
-                if mode == LOG_SOFTMAX:
-                    for j in range(n):
-                        total[j] += exp_fast(zc[j] - top[j])
-                else:
-                    for j in range(n):
-                        e = exp_fast(zc[j] - top[j])
-                        oc[j] = e
-                        total[j] += e
+            for c0 in range(0, n_classes, BLOCK):
+                part_a[:n] = 0
+                for c in range(c0, min(c0 + BLOCK, n_classes)):
+                    zc, oc = zr[c, lo:lo + n], outr[c, lo:lo + n]
+                    if mode == LOG_SOFTMAX:
+                        for j in range(n):
+                            part_a[j] += exp_fast(zc[j] - top[j])
+                    else:
+                        for j in range(n):
+                            e = exp_fast(zc[j] - top[j])
+                            oc[j] = e
+                            part_a[j] += e
+                for j in range(n):
+                    total[j] += part_a[j]
             # pass C
             if mode == LOG_SOFTMAX:
                 for j in range(n):
-                    total[j] = np.log(total[j])
+                    scale[j] = math.log(total[j])
                 for c in range(n_classes):
-                    _shift_tile(zr[c, lo:lo + n], top, total, outr[c, lo:lo + n])
+                    _shift_tile(zr[c, lo:lo + n], top, scale, outr[c, lo:lo + n])
             elif mode == SOFTMAX:
                 for j in range(n):
-                    total[j] = 1 / total[j]
+                    scale[j] = 1 / total[j]
                 for c in range(n_classes):
                     oc = outr[c, lo:lo + n]
                     for j in range(n):
-                        oc[j] *= total[j]
+                        oc[j] *= scale[j]
             elif mode == XENT_INDEX:
                 for j in range(n):
-                    log_total = math.log(np.float64(total[j]))
                     if labels[j] == ignore_index:
                         loss[r, lo + j] = 0.0
                         scale[j] = offset[j] = 0
                     else:
-                        loss[r, lo + j] = (keep * (log_total + label_gap[j])
-                                           + eps * (log_total - z_sum[j] / n_classes))
-                        scale[j] = w / total[j]
+                        loss[r, lo + j], a = _index_terms(w, keep, eps, n_classes, total[j],
+                                                          label_gap[j], z_sum[j])
+                        scale[j] = a
                         offset[j] = w * uniform
                 for c in range(n_classes):
                     oc = outr[c, lo:lo + n]
@@ -262,17 +380,13 @@ def tiles_kernel(z, index_target, prob_target, grad_scale, rows_per_model, smoot
                         outr[labels[j], lo + j] -= w * keep
             else:
                 for j in range(n):
-                    mass = keep * target_sum[j] + eps
-                    log_total = math.log(np.float64(total[j]))
-                    loss[r, lo + j] = (np.float64(mass) * log_total
-                                       - np.float64(keep) * target_dot_z[j]
-                                       - np.float64(uniform) * z_sum[j])
-                    scale[j] = w * mass / total[j]
+                    loss[r, lo + j], a = _prob_terms(w, keep, eps, uniform, total[j],
+                                                     target_dot_z[j], target_sum[j], z_sum[j])
+                    scale[j] = a
                 keep_w, offset_w = w * keep, w * uniform
                 for c in range(n_classes):
-                    oc, tc = outr[c, lo:lo + n], prob_target[r, c, lo:lo + n]
-                    for j in range(n):
-                        oc[j] = oc[j] * scale[j] - (keep_w * tc[j] + offset_w)
+                    oc = outr[c, lo:lo + n]
+                    _prob_grad_tile(oc, prob_target[r, c, lo:lo + n], scale, keep_w, offset_w, oc)
 
 
 tiles_serial, tiles_parallel = cpu_kernel_pair(tiles_kernel)

@@ -10,9 +10,12 @@ Arrays are flat (1-D, C-contiguous), viewed as (rows, C, inner):
   threads take neighbour positions, so each class's values are read coalesced.
 
 Losses are written per position in the logits' dtype and reduced per model by
-``sum_per_model_cuda``. A float32 kernel runs no float64 instruction: every constant comes in
-the logits' dtype (``smoothing``; ``w`` = grad_scale, 1 for the softmax modes), never as a
-Python literal or an integer divisor, which would promote the expression.
+``sum_per_model_cuda``. Every sum over classes (and over positions) is a per-thread Kahan sum
+merged by a pairwise tree in shared memory, accurate in float32 at C = 1e6 (SPEC.md).
+
+A float32 kernel runs no float64 instruction: every constant comes in the logits' dtype
+(``smoothing``; ``w`` = grad_scale, 1 for the softmax modes), never as a Python literal or an
+integer divisor, which would promote the expression.
 """
 
 import math
@@ -50,6 +53,20 @@ def _block_reduce(shared, value, tid, take_max):
 _block_reduce = device_function(_block_reduce)
 
 
+def _kahan_add(total, compensation, value):
+    """Kahan's compensated ``total + value``: returns the new (total, compensation), where
+    ``compensation`` holds the low bits that ``total`` lost (subtracted from the next value).
+    A thread's running sum over C / threads classes (all C in the tiles kernel) stays accurate
+    in float32 at C = 1e6 without float64 instructions; no fast-math here, so the compiler
+    keeps the order (it never reassociates without it)."""
+    corrected = value - compensation
+    new_total = total + corrected
+    return new_total, (new_total - total) - corrected
+
+
+_kahan_add = device_function(_kahan_add)
+
+
 def _signatures(tiles):
     extra = (I64,) if tiles else ()
     return [(array(d), array(np.int64), array(d), array(d), I64, array(d), I64, I64, I64, I64)
@@ -80,24 +97,27 @@ def softmax_rows_cuda(z, labels, probs, grad_scale, rows_per_model, smoothing, i
         top = _block_reduce(shared, top, tid, True)
         # what the loss needs of z, read before out (which may be z) is written
         label_gap = top - z[base + label] if mode == XENT_INDEX else zero
+        # per-thread Kahan sums, then the pairwise tree of _block_reduce
         target_dot_z = target_sum = z_sum = zero
+        dot_c = mass_c = z_c = zero
         if mode >= XENT_INDEX:
             for j in range(tid, n_classes, THREADS_PER_BLOCK):
                 shifted = z[base + j] - top
-                z_sum += shifted
+                z_sum, z_c = _kahan_add(z_sum, z_c, shifted)
                 if mode == XENT_PROB:
-                    target_dot_z += probs[base + j] * shifted
-                    target_sum += probs[base + j]
+                    target_dot_z, dot_c = _kahan_add(target_dot_z, dot_c,
+                                                     probs[base + j] * shifted)
+                    target_sum, mass_c = _kahan_add(target_sum, mass_c, probs[base + j])
             if eps != zero:
                 z_sum = _block_reduce(shared, z_sum, tid, False)
             if mode == XENT_PROB:
                 target_dot_z = _block_reduce(shared, target_dot_z, tid, False)
                 target_sum = _block_reduce(shared, target_sum, tid, False)
         cuda.syncthreads()  # every thread has read z before any writes out
-        total = zero
+        total = total_c = zero
         for j in range(tid, n_classes, THREADS_PER_BLOCK):
             e = math.exp(z[base + j] - top)
-            total += e
+            total, total_c = _kahan_add(total, total_c, e)
             if mode != LOG_SOFTMAX:
                 out[base + j] = e
         total = _block_reduce(shared, total, tid, False)
@@ -149,18 +169,20 @@ def softmax_tiles_cuda(z, labels, probs, grad_scale, rows_per_model, smoothing, 
             if v > top or v != v:
                 top = v
         label_gap = top - z[base + label * inner] if mode == XENT_INDEX else zero
-        target_dot_z = target_sum = z_sum = zero
+        # Kahan sums: one thread runs over all C classes
+        target_dot_z = target_sum = z_sum = dot_c = mass_c = z_c = zero
         if mode >= XENT_INDEX:
             for c in range(n_classes):
                 shifted = z[base + c * inner] - top
-                z_sum += shifted
+                z_sum, z_c = _kahan_add(z_sum, z_c, shifted)
                 if mode == XENT_PROB:
-                    target_dot_z += probs[base + c * inner] * shifted
-                    target_sum += probs[base + c * inner]
-        total = zero
+                    target_dot_z, dot_c = _kahan_add(target_dot_z, dot_c,
+                                                     probs[base + c * inner] * shifted)
+                    target_sum, mass_c = _kahan_add(target_sum, mass_c, probs[base + c * inner])
+        total = total_c = zero
         for c in range(n_classes):
             e = math.exp(z[base + c * inner] - top)
-            total += e
+            total, total_c = _kahan_add(total, total_c, e)
             if mode != LOG_SOFTMAX:
                 out[base + c * inner] = e
         log_total = math.log(total)
@@ -194,9 +216,9 @@ def sum_per_model_cuda(values, per_model, scale, out):
     tid = cuda.threadIdx.x
     shared = cuda.shared.array(THREADS_PER_BLOCK, values.dtype)
     for k in range(cuda.blockIdx.x, out.shape[0], cuda.gridDim.x):
-        total = values[0] - values[0]
+        total = compensation = values[0] - values[0]
         for i in range(k * per_model + tid, (k + 1) * per_model, THREADS_PER_BLOCK):
-            total += values[i]
+            total, compensation = _kahan_add(total, compensation, values[i])
         total = _block_reduce(shared, total, tid, False)
         if tid == 0:
             out[k] = total * scale[k]

@@ -245,7 +245,7 @@ BAD_CALLS = [
     ("list target", TypeError, lambda labels: dict(target=labels.tolist())),
     ("ignore_index type", TypeError, lambda labels: dict(target=labels, ignore_index=1.5)),
     ("axis type", TypeError, lambda labels: dict(target=labels, axis=1.0)),
-    ("out dtype", ValueError, lambda labels: dict(target=labels, out=np.empty((4, 5), np.float64))),
+    ("out dtype", TypeError, lambda labels: dict(target=labels, out=np.empty((4, 5), np.float64))),
 ]
 
 

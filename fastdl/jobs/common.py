@@ -76,3 +76,14 @@ def progress_bar(epochs, enabled=True):
         bar.update(1)
 
     return report, bar.close
+
+
+def compile_notice(kernel_names, seconds):
+    """Print "compiling fastdl's kernels for this machine, once: about <seconds> s" when the
+    CPU kernels ``kernel_names`` (names in ``fastdl.kernels.config.REGISTRY``) are not cached
+    on disk yet, so that a first run does not sit silent while numba compiles."""
+    from fastdl.kernels import batchnorm, config, dropout, optim, pointers, softmax  # noqa: F401
+
+    if not config.cached_on_disk(kernel_names):
+        print(f"compiling fastdl's kernels for this machine, once: about {seconds} s",
+              flush=True)

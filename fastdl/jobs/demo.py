@@ -16,8 +16,20 @@ import time
 import numpy as np
 
 from .. import data, training
-from .common import progress_bar, select_device
+from .common import compile_notice, progress_bar, select_device
 from .textbook import TextbookNetwork
+
+# The CPU kernels a demo run compiles when the cache is cold (REGISTRY names with signatures
+# after ``--epochs 2``; the optimizer's update kernel, made on first use, is left out): the
+# layers run on one thread beside BLAS, hence the serial variants. About COMPILE_SECONDS for
+# all of them (a cold first epoch took 9.5 s on 2 busy cores).
+DEMO_KERNELS = tuple(f"{name}.serial" for name in (
+    "batchnorm.affine_rows", "batchnorm.comoment_rows", "batchnorm.input_grad_rows",
+    "batchnorm.moments_rows", "dropout.backward_kernel", "dropout.forward_kernel",
+    "softmax.rows_kernel")) + (
+    "optim.coefficients", "optim.grad_stats.parallel", "optim.reduce_per_model",
+    "pointers.address")
+COMPILE_SECONDS = 10
 
 HUMAN_ERROR = 0.005  # a proxy for the Bayes error on these digits (people misread few)
 
@@ -83,6 +95,8 @@ def run(argv=None):
     print(f"digits: {len(y_train)} train, {len(y_dev)} dev, {len(y_test)} test examples of 64 "
           f"pixels; network 64-{'-'.join(map(str, training.HIDDEN))}-10, {args.optimizer}",
           flush=True)
+    if device == "cpu":
+        compile_notice(DEMO_KERNELS, COMPILE_SECONDS)
     model = training.build_network(seed=args.seed, device=device)
     report, close = progress_bar(args.epochs, not args.no_progress)
     start = time.perf_counter()
