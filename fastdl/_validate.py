@@ -363,6 +363,16 @@ def axis_argument(value, argument, max_rank):
     return int(value)
 
 
+def dtype_and_shape(a, argument, dtype, shape, dtype_note="", shape_note=""):
+    """TypeError unless array ``a`` has ``dtype``, then ValueError unless it has ``shape``
+    (the notes say more of each in the message)."""
+    if a.dtype != dtype:
+        raise TypeError(f"{argument} must have dtype {dtype}{dtype_note}; got {a.dtype}")
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{argument} must have shape {tuple(shape)}{shape_note}; got "
+                         f"{tuple(a.shape)}")
+
+
 def per_model_array(a, argument, shape, dtype, device, writable=False, other="x"):
     """A (C,) or (K, C) array of ``dtype`` on ``device`` (None passes)."""
     if a is None:
@@ -374,11 +384,8 @@ def per_model_array(a, argument, shape, dtype, device, writable=False, other="x"
                         "device")
     if where == "cpu" and not isinstance(a, np.ndarray):
         raise TypeError(f"{argument} must be a NumPy array of shape {shape}; got {describe(a)}")
-    if a.dtype != dtype:
-        raise TypeError(f"{argument} must have dtype {dtype} like {other}; got {a.dtype}")
-    if tuple(a.shape) != shape:
-        raise ValueError(f"{argument} must have shape {shape} (one value per channel"
-                         f"{' and model' if len(shape) == 2 else ''}); got {tuple(a.shape)}")
+    dtype_and_shape(a, argument, dtype, shape, f" like {other}", " (one value per channel"
+                    f"{' and model' if len(shape) == 2 else ''})")
     if writable and not (c_contiguous(a) and (where == "cuda" or a.flags.writeable)):
         raise ValueError(f"{argument} is updated in place: it must be writable and "
                          "C-contiguous")
@@ -718,11 +725,7 @@ def state_arrays(arrays, argument, shapes, dtype):
     for j, (a, shape) in enumerate(zip(arrays, shapes)):
         if not (isinstance(a, np.ndarray) or is_device_array(a)):
             raise TypeError(f"{argument}[{j}] must be an array; got {describe(a)}")
-        if a.dtype != dtype:
-            raise TypeError(f"{argument}[{j}] must have dtype {dtype}; got {a.dtype}")
-        if tuple(a.shape) != shape:
-            raise ValueError(f"{argument}[{j}] must have shape {shape}; got "
-                             f"{tuple(a.shape)}")
+        dtype_and_shape(a, f"{argument}[{j}]", dtype, shape)
 
 
 def grad_error(j, g, p, device):

@@ -27,6 +27,17 @@ def _with(overrides, **defaults):
     return {**defaults, **{k: (v() if callable(v) else v) for k, v in overrides.items()}}
 
 
+def cases_of(fn, defaults):
+    """Case builder of ``fn``: ``builder(**overrides)`` gives ``make() -> (call, args)`` with
+    ``defaults()`` (fresh arrays) overridden."""
+    def builder(**overrides):
+        def make():
+            args = _with(overrides, **defaults())
+            return lambda: fn(**args), args
+        return make
+    return builder
+
+
 # -- snapshots ------------------------------------------------------------------------------------
 
 
@@ -90,13 +101,12 @@ def bn(**kwargs):
     return make
 
 
-def bn_backward(**kwargs):
-    def make():
-        x = rand(8, 4)
-        _, cache = fd.batch_norm_forward(x, rand(4, seed=1), None, None, None)
-        args = _with(kwargs, dy=rand(8, 4, seed=3), cache=cache)
-        return lambda: fd.batch_norm_backward(**args), args
-    return make
+def _bn_backward_defaults():
+    _, cache = fd.batch_norm_forward(rand(8, 4), rand(4, seed=1), None, None, None)
+    return dict(dy=rand(8, 4, seed=3), cache=cache)
+
+
+bn_backward = cases_of(fd.batch_norm_backward, _bn_backward_defaults)
 
 
 BATCHNORM = [
@@ -201,12 +211,12 @@ def drop(**kwargs):
     return make
 
 
-def drop_backward(**kwargs):
-    def make():
-        dy = rand(3, 5)
-        args = _with(kwargs, dy=dy, mask=fd.dropout_forward(dy, 0.5, 0)[1], p=0.5)
-        return lambda: fd.dropout_backward(**args), args
-    return make
+def _drop_backward_defaults():
+    dy = rand(3, 5)
+    return dict(dy=dy, mask=fd.dropout_forward(dy, 0.5, 0)[1], p=0.5)
+
+
+drop_backward = cases_of(fd.dropout_backward, _drop_backward_defaults)
 
 
 DROPOUT = [
