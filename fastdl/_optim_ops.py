@@ -110,8 +110,8 @@ class OptimCpu(_Optim, HostOps):
         from fastdl.kernels import config, optim
         from fastdl.kernels.pointers import address
 
-        self._kernels, self._address = optim, address
-        self.parallel = self.total >= config.PARALLEL_MIN_SIZE
+        self._kernels, self._address, self._config = optim, address, config
+        self.parallel = self.total >= config.PARALLEL_MIN_SIZE  # when more threads than one
         chunk = min(config.MAX_CHUNK_SIZE,
                     max(config.MIN_CHUNK_SIZE, -(-self.total // (4 * config.threads()))))
         self.separate_plan = split(self.rows, chunk)
@@ -123,7 +123,7 @@ class OptimCpu(_Optim, HostOps):
             self.flat_plan = split(merged(self.rows, self.sizes), chunk)
         self.placeholder = np.zeros(0, self.dtype)
         self._row_flags = None
-        self._runs = {}  # chunk table id -> [(update kernel, its chunks)], for the row flags
+        self._runs = {}  # (chunk table id, parallel) -> [(update kernel, its chunks)]
 
     def set_row_flags(self, row_flags, use_ema):
         """``row_flags`` (coefficient rows, flags) bool: which specialized update runs which
@@ -131,10 +131,17 @@ class OptimCpu(_Optim, HostOps):
         self._row_flags, self._use_ema = row_flags, use_ema
         self._runs = {}
 
-    def _runs_for(self, table):
+    def _parallel_now(self):
+        """Whether this step runs the parallel kernels: a large enough step and, now, more than
+        one thread (beside BLAS, ``cpu_threads(1)``, the serial kernels do the same work, and a
+        run that never needs the parallel ones never compiles them; a child forked after
+        OpenMP ran gets the serial ones: kernels/config.py)."""
+        return self.parallel and self._config.use_parallel(self.total)
+
+    def _runs_for(self, table, parallel):
         """The (kernel, chunk table) pairs of one step over ``table``: one per combination of
         flags among its rows, usually one for the whole table."""
-        runs = self._runs.get(id(table))
+        runs = self._runs.get((id(table), parallel))
         if runs is None:
             chunk_flags = self._row_flags[table[:, self._kernels.CHUNK.row]]
             runs = []
@@ -142,9 +149,9 @@ class OptimCpu(_Optim, HostOps):
                 chosen = np.all(chunk_flags == np.array(flags, bool), axis=1)
                 if chosen.any():
                     kernel = self._kernels.update_kernel(self.algorithm, flags, self._use_ema,
-                                                         self.parallel)
+                                                         parallel)
                     runs.append((kernel, table if chosen.all() else table[chosen]))
-            self._runs[id(table)] = runs
+            self._runs[id(table), parallel] = runs
         return runs
 
     def concatenate(self, arrays):
@@ -163,11 +170,12 @@ class OptimCpu(_Optim, HostOps):
         return self.param_addresses, addresses, self.separate_plan
 
     def grad_stats(self, plan, model, like, sumsq, nonfinite):
-        self._kernels.grad_stats(plan[1], plan[2], model, like, self.parallel, sumsq,
+        self._kernels.grad_stats(plan[1], plan[2], model, like, self._parallel_now(), sumsq,
                                  nonfinite)
 
     def update(self, plan, coef, active, state, ema):
-        runs = self._runs.get(id(plan[2])) or self._runs_for(plan[2])
+        parallel = self.parallel and self._config.use_parallel(self.total)  # _parallel_now()
+        runs = self._runs.get((id(plan[2]), parallel)) or self._runs_for(plan[2], parallel)
         if len(runs) == 1:  # the common case, without the loop's cost (a 1000-element step
             kernel, chunks = runs[0]  # takes ~4 us in all)
             kernel(plan[0], plan[1], chunks, coef, active, ema, *state)

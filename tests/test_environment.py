@@ -40,7 +40,8 @@ FORK_SCRIPT = textwrap.dedent("""
         y, mask = fd.dropout_forward(x, 0.5, seed=3)
         params = [np.ones(N, np.float32)]
         fd.optim.Adam(params, lr=0.1).step([x])
-        queue.put((config.FORKED_AFTER_OPENMP, y, params[0]))
+        inherited.step([x])  # built and stepped (in parallel) by the parent before the fork
+        queue.put((config.FORKED_AFTER_OPENMP, y, params[0], shared[0]))
 
 
     if __name__ == "__main__":
@@ -50,6 +51,13 @@ FORK_SCRIPT = textwrap.dedent("""
         expected_y, _ = fd.dropout_forward(x, 0.5, seed=3)  # the parent runs a parallel kernel
         expected_p = [np.ones(N, np.float32)]
         fd.optim.Adam(expected_p, lr=0.1).step([x])
+        shared = [np.ones(N, np.float32)]
+        inherited = fd.optim.Adam(shared, lr=0.1)
+        inherited.step([x])
+        twice = [np.ones(N, np.float32)]
+        reference = fd.optim.Adam(twice, lr=0.1)
+        reference.step([x])
+        reference.step([x])
         print("layer", numba.threading_layer(), flush=True)
         context = multiprocessing.get_context("fork")
         queue = context.Queue()
@@ -57,7 +65,7 @@ FORK_SCRIPT = textwrap.dedent("""
         child.start()
         while True:  # a killed child puts nothing: notice it instead of waiting
             try:
-                forked, y, p = queue.get(timeout=1)
+                forked, y, p, stepped = queue.get(timeout=1)
                 break
             except queue_module.Empty:
                 if child.exitcode is not None:
@@ -66,6 +74,7 @@ FORK_SCRIPT = textwrap.dedent("""
         print("exitcode", child.exitcode, "forked_after_openmp", forked, flush=True)
         np.testing.assert_array_equal(y, expected_y)
         np.testing.assert_allclose(p, expected_p[0], rtol=1e-6)
+        np.testing.assert_allclose(stepped, twice[0], rtol=1e-6)
         print("same results")
 """)
 
