@@ -69,22 +69,36 @@ class _Optim:
         self.algorithm = algorithm
         self._seen = None
         self._plan = None
+        self._subsets = {}  # present pattern -> its rows (and, per device, its tables)
 
     def prepare(self, grads):
         """Check ``grads`` and return the step's plan; cached on the grads' identity, since
-        training loops usually pass the same buffers every step."""
+        training loops usually pass the same buffers every step. A None grad leaves its param
+        and state out of the step (PyTorch's rule for a param without a grad)."""
         if self._seen is not None and len(grads) == len(self._seen) and all(
                 map(operator.is_, grads, self._seen)):
             for j, g in enumerate(grads):  # what can change in place
-                if tuple(g.shape) != self.shapes[j] or g.dtype != self.dtype:
+                if g is not None and (tuple(g.shape) != self.shapes[j] or g.dtype != self.dtype):
                     _validate.grad_error(j, g, self.params[j], self.device)
             return self._plan
         if len(grads) != len(self.shapes):
             raise ValueError(f"grads must hold one array per param ({len(self.shapes)}); got "
                              f"{len(grads)}")
-        plan = self._plan_for(grads)
+        present = np.array([g is not None for g in grads], np.bool_)
+        if not present.any():
+            raise ValueError("grads holds no array (every entry is None): nothing to step")
+        plan = self._plan_for(grads, None if present.all() else present)
         self._seen, self._plan = list(grads), plan
         return plan
+
+    def _subset(self, present):
+        """The chunk-table rows of the tensors marked in ``present`` (bool per tensor), cached
+        per pattern: a table's identity keys the kernels chosen for it."""
+        key = present.tobytes()
+        rows = self._subsets.get(key)
+        if rows is None:
+            rows = self._subsets[key] = [r for r in self.rows if present[r[0]]]
+        return key, rows
 
     def _set_param_ranges(self):
         """Remember the params' byte ranges, sorted, to refuse grads that alias them."""
@@ -114,7 +128,9 @@ class OptimCpu(_Optim, HostOps):
         self.parallel = self.total >= config.PARALLEL_MIN_SIZE  # when more threads than one
         chunk = min(config.MAX_CHUNK_SIZE,
                     max(config.MIN_CHUNK_SIZE, -(-self.total // (4 * config.threads()))))
+        self.chunk = chunk
         self.separate_plan = split(self.rows, chunk)
+        self._subset_tables = {}
         self.param_addresses = np.array([p.__array_interface__["data"][0] for p in params],
                                         np.int64)
         self._set_param_ranges()
@@ -157,14 +173,29 @@ class OptimCpu(_Optim, HostOps):
     def concatenate(self, arrays):
         return np.concatenate([a.reshape(-1) for a in arrays])
 
-    def _plan_for(self, grads):
-        addresses = np.empty(len(grads), np.int64)
+    def _plan_for(self, grads, present):
+        addresses = np.zeros(len(grads), np.int64)  # 0 for a param left out
         for j, g in enumerate(grads):
+            if g is None:
+                continue
             if not (isinstance(g, np.ndarray) and g.dtype == self.dtype
                     and g.shape == self.shapes[j] and g.flags.c_contiguous):
                 _validate.grad_error(j, g, self.params[j], "cpu")
             addresses[j] = self._address(g)
+        return self.address_plan(addresses, present)
+
+    def address_plan(self, addresses, present=None):
+        """The plan of a step over grads given by address (int64, one per param, C-contiguous
+        memory of the param's dtype and size, as the caller has checked): (param addresses,
+        grad addresses, chunk table). ``present``: None for every param, or a bool per param
+        (the others are left out of the step). Grads that alias a param are a ValueError."""
         self._check_aliasing(addresses)
+        if present is not None:
+            key, rows = self._subset(present)
+            table = self._subset_tables.get(key)
+            if table is None:
+                table = self._subset_tables[key] = split(rows, self.chunk)
+            return self.param_addresses, addresses, table
         if self.flat_plan is not None and _consecutive(addresses, self.sizes, self.dtype.itemsize):
             return self.param_addresses[:1], addresses[:1].copy(), self.flat_plan
         return self.param_addresses, addresses, self.separate_plan
@@ -206,7 +237,9 @@ class OptimCuda(_Optim, CudaOps):
             self.flat_plan = self._launch_plan((cudalib.span(params[0], self.total),),
                                           split(merged(self.rows, self.sizes),
                                                 cudalib.CHUNK_SIZE))
-        self.batches = self._batches(flat_params)
+        self._flat_params = flat_params
+        self.batches = self._batches(flat_params, self.rows)
+        self._subset_batches = {}
         self.placeholder = self._lib.cuda.device_array(0, self.dtype)
         self._coef = self._active = self._inv_scale = None
 
@@ -216,19 +249,22 @@ class OptimCuda(_Optim, CudaOps):
     def _to_device(self, host):
         return self._lib.cuda.to_device(np.ascontiguousarray(host))
 
-    def _batches(self, flat_params):
+    def _batches(self, flat_params, rows):
         """One launch's worth of separate tensors per entry: (param tuple, chunk table on the
         device, the table's model column on the host, first tensor, tensor count, partial-sum
-        and flag buffers of grad_stats). Tuples are padded to MAX_TENSORS_PER_LAUNCH so that one
-        compiled kernel serves every launch; the padding is never indexed."""
+        and flag buffers of grad_stats), for the chunk-table ``rows`` (tensors without rows get
+        no launch). Tuples are padded to MAX_TENSORS_PER_LAUNCH so that one compiled kernel
+        serves every launch; the padding is never indexed."""
         per_launch = self._lib.MAX_TENSORS_PER_LAUNCH
         batches = []
         for first in range(0, len(flat_params), per_launch):
             count = min(per_launch, len(flat_params) - first)
-            rows = [[r[0] - first] + r[1:] for r in self.rows if first <= r[0] < first + count]
+            mine = [[r[0] - first] + r[1:] for r in rows if first <= r[0] < first + count]
+            if not mine:
+                continue
             tensors = tuple(flat_params[first:first + count])
             tensors += (tensors[0],) * (per_launch - count)
-            batches.append(self._launch_plan(tensors, split(rows, self._lib.CHUNK_SIZE))
+            batches.append(self._launch_plan(tensors, split(mine, self._lib.CHUNK_SIZE))
                            + (first, count))
         return batches
 
@@ -254,9 +290,12 @@ class OptimCuda(_Optim, CudaOps):
             view.copy_to_device(a)
         return out
 
-    def _plan_for(self, grads):
+    def _plan_for(self, grads, present):
         converted = []
         for j, g in enumerate(grads):
+            if g is None:  # left out of the step: its tuple slot is never indexed
+                converted.append(self._flat_params[j])
+                continue
             if not is_device_array(g):
                 _validate.grad_error(j, g, self.params[j], "cuda")
             g = self._lib.as_cuda_array(g)
@@ -264,13 +303,21 @@ class OptimCuda(_Optim, CudaOps):
                     or not g.is_c_contiguous()):
                 _validate.grad_error(j, g, self.params[j], "cuda")
             converted.append(g)
-        addresses = np.array([self._lib.address(g) for g in converted], np.int64)
+        addresses = np.array([self._lib.address(g) if present is None or present[j] else 0
+                              for j, g in enumerate(converted)], np.int64)
         self._check_aliasing(addresses)
-        if self.flat_plan is not None and _consecutive(addresses, self.sizes, self.dtype.itemsize):
+        batches = self.batches
+        if present is not None:
+            key, rows = self._subset(present)
+            batches = self._subset_batches.get(key)
+            if batches is None:
+                batches = self._subset_batches[key] = self._batches(self._flat_params, rows)
+        elif self.flat_plan is not None and _consecutive(addresses, self.sizes,
+                                                         self.dtype.itemsize):
             return [((self._lib.span(converted[0], self.total),),) + self.flat_plan]
         flat_grads = self._flat_views(converted)
         plan = []
-        for tensors, table, models, partial, flags, first, count in self.batches:
+        for tensors, table, models, partial, flags, first, count in batches:
             grads_tuple = tuple(flat_grads[first:first + count])
             grads_tuple += (grads_tuple[0],) * (len(tensors) - count)
             plan.append((grads_tuple, tensors, table, models, partial, flags))

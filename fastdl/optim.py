@@ -458,7 +458,9 @@ class _Optimizer:
     # -- the step --------------------------------------------------------------------------
 
     def step(self, grads):
-        """Apply one update with ``grads`` (one array per param, in param order).
+        """Apply one update with ``grads`` (one array per param, in param order; None for a
+        param to leave alone this step, its state included, as PyTorch does for a param
+        without a grad; the step count is the optimizer's and still advances).
 
         Returns :class:`StepInfo`. Invalid grads (a grad sharing memory with a param
         included) or hyperparameters raise before anything changes, on every step until fixed.
@@ -466,8 +468,12 @@ class _Optimizer:
         if isinstance(grads, np.ndarray):
             raise TypeError("grads must be a list of arrays, one per param; got a single "
                             f"{_validate.describe(grads)}")
+        return self._run(self._ops.prepare(list(grads)))
+
+    def _run(self, plan):
+        """The step over ``plan`` (from the ops' ``prepare``, or ``address_plan`` on the CPU,
+        which fastdl.torch uses): steps 1-7 of the module docstring."""
         ops = self._ops
-        plan = ops.prepare(list(grads))
         if self._refresh_hyper() or self._state_args is None:
             self._state_args = self._state_buffers()
         if self._skip_nonfinite or self._max_grad_norm is not None:

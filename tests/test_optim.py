@@ -242,3 +242,29 @@ def test_huge_finite_float64_gradients_are_not_taken_for_inf():
     info = opt.step([np.array([1e200, -1e200, 0.0, 1.0])])
     assert info.found_inf is False and info.grad_norm == np.inf
     assert opt.step_count == 1
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["separate", "flat"])
+def test_a_none_grad_leaves_its_param_and_state_alone(flat, rng):
+    """grads [g0, None, g2, ...]: param 1 and its state stay as they are, and the others step
+    exactly as an optimizer over them alone (the step count is the optimizer's)."""
+    shapes = [(40, 3), (17,), (5, 5), (2000,)]
+    start = make(shapes, np.float32, rng)
+    params = fd.optim.flat_params(shapes, np.float32) if flat else [a.copy() for a in start]
+    for p, a in zip(params, start):
+        p[...] = a
+    alone = [start[j].copy() for j in (0, 2, 3)]
+    opt = fd.optim.Adam(params, lr=0.01, amsgrad=True, max_grad_norm=1.0)
+    ref = fd.optim.Adam(alone, lr=0.01, amsgrad=True, max_grad_norm=1.0)
+    for _ in range(4):
+        grads = make(shapes, np.float32, rng)
+        info = opt.step([grads[0], None, grads[2], grads[3]])
+        want = ref.step([grads[0], grads[2], grads[3]])
+        assert info.grad_norm == want.grad_norm
+    np.testing.assert_array_equal(params[1], start[1])
+    for got, want in zip([params[0], params[2], params[3]], alone):
+        np.testing.assert_array_equal(got, want)
+    for name, arrays in opt.state_dict()["state"].items():
+        assert not arrays[1].any(), name
+    with pytest.raises(ValueError, match="no array"):
+        opt.step([None] * 4)

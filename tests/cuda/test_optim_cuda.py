@@ -196,3 +196,19 @@ def test_parameter_groups_on_the_device_match_the_cpu():
         cpu.step(grads)
     for p, q in zip(gpu_params, params):
         assert_close(p.copy_to_host(), q, np.float64)
+
+
+def test_a_none_grad_leaves_its_param_alone_on_the_device():
+    rng = np.random.default_rng(2)
+    shapes = [(int(n),) for n in rng.integers(1, 6, 40)]
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    gpu_params = device(params)
+    opt = fd.optim.Adam(gpu_params, lr=0.1)
+    cpu = fd.optim.Adam(params, lr=0.1)
+    absent = {1, 33}  # one in each launch of 32 tensors
+    for _ in range(2):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        opt.step([None if j in absent else g for j, g in enumerate(device(grads))])
+        cpu.step([None if j in absent else g for j, g in enumerate(grads)])
+    for p, q in zip(gpu_params, params):
+        assert_close(p.copy_to_host(), q, np.float32)
