@@ -12,6 +12,14 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # `import cases`, under any --import-mode
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))  # `import helpers`
+
+from helpers import fail_hidden_skips  # noqa: E402
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    fail_hidden_skips(item, call, (yield))
 
 
 @pytest.fixture

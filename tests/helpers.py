@@ -30,3 +30,15 @@ def require(module):
     if os.environ.get("CI", "").lower() == "true":
         return importlib.import_module(module)
     return pytest.importorskip(module)
+
+
+def fail_hidden_skips(item, call, outcome):
+    """The body of a ``pytest_runtest_makereport`` hook wrapper: under CI=true, a test skipped
+    because a module could not be imported (``pytest.importorskip``) fails instead."""
+    import os
+
+    report = outcome.get_result()
+    if (os.environ.get("CI", "").lower() == "true" and report.skipped
+            and "could not import" in str(report.longrepr)):
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: a required module is missing: {report.longrepr}"

@@ -5,9 +5,9 @@ import pytest
 
 import fastdl as fd
 
-from helpers import assert_close
+from helpers import assert_close, require
 
-torch = pytest.importorskip("torch")
+torch = require("torch")
 
 FORWARD = {np.float32: dict(rtol=2e-4, atol=2e-5), np.float64: dict(rtol=1e-9, atol=1e-11)}
 GRADIENT = {np.float32: dict(rtol=2e-3, atol=2e-4), np.float64: dict(rtol=1e-9, atol=1e-11)}

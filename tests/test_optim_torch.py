@@ -5,9 +5,9 @@ import pytest
 
 import fastdl as fd
 
-from helpers import assert_close
+from helpers import assert_close, require
 
-torch = pytest.importorskip("torch")
+torch = require("torch")
 
 SHAPES = [(33, 5), (5,), (40000,)]
 
