@@ -168,7 +168,8 @@ class _Optimizer(torch.optim.Optimizer):
         core = self._core = self._core_class(groups, **self._options)
         n = len(self._params)
         self._offsets = np.concatenate([[0], np.cumsum([p.numel() for p in self._params])])
-        self._grads = self._addresses = self._plan = self._views_of = None
+        self._grads = self._addresses = self._plan = self._exposed = None
+        self._all_have_state = False
         self._counts = np.zeros(n, np.int64)
         self._uniform = True  # every param at the same step count
         self._has_state = np.zeros(n, np.bool_)
@@ -242,7 +243,8 @@ class _Optimizer(torch.optim.Optimizer):
                 counts[chosen] = core._steps[0]
             self._uniform = bool(np.all(counts == counts[0]))
         self._step_values[:] = counts
-        if self._views_of != self._buffer_ids(core) or not self._has_state[present].all():
+        # the core makes new state arguments when its buffers may have changed
+        if core._state_args is not self._exposed or not self._all_have_state:
             self._expose_state(core, present)
 
     def _run(self, core, plan):
@@ -251,9 +253,6 @@ class _Optimizer(torch.optim.Optimizer):
         return core._run(plan)
 
     # -- state in torch's layout -----------------------------------------------------------
-
-    def _buffer_ids(self, core):
-        return [id(b) for b in core._state.values()] + [id(core._ema)]
 
     def _state_view(self, flat, j):
         """Param j's part of a core flat buffer as a tensor shaped (and strided) like it."""
@@ -279,7 +278,8 @@ class _Optimizer(torch.optim.Optimizer):
                 entry[name] = self._state_view(core._state[name], j)
             if not entry:
                 del self.state[self._params[j]]  # torch's SGD at momentum 0 keeps nothing
-        self._views_of = self._buffer_ids(core)
+        self._exposed = core._state_args
+        self._all_have_state = bool(self._has_state.all())
 
     @property
     def ema_params(self):
