@@ -400,3 +400,125 @@ def make_population_run(implementation, n_models=16, epochs=10, seed=0, n_exampl
         return run
     raise ValueError(f"implementation must be one of {POPULATION_IMPLEMENTATIONS}; got "
                      f"{implementation!r}")
+
+
+# --- fastdl.torch against torch, through autograd and optimizer.step() ----------------------
+# Implementations: "fastdl.torch" (fastdl's module / optimizer, or the model after
+# fastdl.torch.patch) and "torch" (torch's own; for Adam, fused=True).
+
+TORCH_IMPLEMENTATIONS = ("fastdl.torch", "torch")
+
+
+@dataclass
+class TorchCase:
+    """One benchmark of the PyTorch adapter: ``kind`` (see :func:`make_torch_step`),
+    ``shape`` (an input shape, or the sizes of the optimizer's tensors), ``smoke_shape``."""
+
+    name: str
+    kind: str
+    shape: tuple
+    smoke_shape: tuple
+    bytes_per_element: int = 0  # read + written per element, for GB/s (0: not reported)
+
+    @property
+    def size(self):
+        return sum(self.shape) if self.kind == "adam" else math.prod(self.shape)
+
+    def smoke(self):
+        return dataclasses.replace(self, shape=self.smoke_shape)
+
+
+def _mixed_sizes(n, low, high, seed=0):
+    return tuple(int(s) for s in np.random.default_rng(seed).integers(low, high, n))
+
+
+TORCH_CASES = {
+    "torch_batchnorm1d": TorchCase("BatchNorm1d(1024) on (8192, 1024), fwd + bwd", "batchnorm1d",
+                                   (8192, 1024), (64, 16), 20),
+    "torch_batchnorm2d": TorchCase("BatchNorm2d(64) on (64, 64, 56, 56), fwd + bwd",
+                                   "batchnorm2d", (64, 64, 56, 56), (4, 8, 5, 5), 20),
+    "torch_cross_entropy": TorchCase("cross_entropy on (4096, 1000), fwd + bwd",
+                                     "cross_entropy", (4096, 1000), (16, 10), 8),
+    "torch_adam_1e7": TorchCase("Adam step, one tensor of 1e7", "adam", (10_000_000,),
+                                (1000,), 28),
+    "torch_adam_200": TorchCase("Adam step, 200 tensors of 1e3-1e4", "adam",
+                                _mixed_sizes(200, 1000, 10_000), _mixed_sizes(5, 10, 100), 28),
+    "torch_adam_1000": TorchCase("Adam step, one tensor of 1000", "adam", (1000,), (10,), 28),
+    "torch_mlp": TorchCase("MLP 784-1024-1024-10 step (BN1d, Dropout, CE, AdamW), batch 256",
+                           "mlp", (256, 784), (8, 784)),
+    "torch_cnn": TorchCase("CNN step, channels-last (conv-BN2d-ReLU x2, CE, AdamW), "
+                           "batch 64 of 3x32x32", "cnn", (64, 3, 32, 32), (2, 3, 32, 32)),
+}
+
+
+def _torch_mlp():
+    import torch
+
+    return torch.nn.Sequential(
+        torch.nn.Linear(784, 1024, bias=False), torch.nn.BatchNorm1d(1024), torch.nn.ReLU(),
+        torch.nn.Dropout(0.2), torch.nn.Linear(1024, 1024, bias=False),
+        torch.nn.BatchNorm1d(1024), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+        torch.nn.Linear(1024, 10))
+
+
+def _torch_cnn():
+    import torch
+
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1, bias=False), torch.nn.BatchNorm2d(32),
+        torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3, padding=1, stride=2, bias=False),
+        torch.nn.BatchNorm2d(64), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(64, 10))
+
+
+def make_torch_step(case, implementation, seed=0):
+    """A zero-argument callable doing one ``case`` step with ``implementation``: a module's
+    forward and backward in training mode (the input's grad included), or one optimizer step
+    (grads set once), or one whole training step of a model."""
+    import torch
+
+    import fastdl.torch as fdt
+
+    torch.manual_seed(seed)
+    ours = implementation == "fastdl.torch"
+    if case.kind in ("batchnorm1d", "batchnorm2d"):
+        channels = case.shape[1]
+        module = (getattr(fdt if ours else torch.nn, "BatchNorm1d" if case.kind ==
+                          "batchnorm1d" else "BatchNorm2d"))(channels)
+        x = torch.randn(case.shape, requires_grad=True)
+        dy = torch.randn(case.shape)
+
+        def step():
+            module(x).backward(dy)
+        return step
+    if case.kind == "cross_entropy":
+        logits = torch.randn(case.shape, requires_grad=True)
+        target = torch.randint(0, case.shape[1], (case.shape[0],))
+        loss_fn = fdt.cross_entropy if ours else torch.nn.functional.cross_entropy
+
+        def step():
+            loss_fn(logits, target).backward()
+        return step
+    if case.kind == "adam":
+        params = [torch.nn.Parameter(torch.randn(n)) for n in case.shape]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        opt = fdt.Adam(params, lr=1e-3) if ours else torch.optim.Adam(params, lr=1e-3,
+                                                                         fused=True)
+        return opt.step
+    model = _torch_mlp() if case.kind == "mlp" else _torch_cnn()
+    x = torch.randn(case.shape)
+    if case.kind == "cnn":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    target = torch.randint(0, 10, (case.shape[0],))
+    loss_fn = fdt.CrossEntropyLoss() if ours else torch.nn.CrossEntropyLoss()
+    if ours:
+        model = fdt.patch(model)
+    opt = (fdt.AdamW if ours else torch.optim.AdamW)(model.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad()
+        loss_fn(model(x), target).backward()
+        opt.step()
+    return step

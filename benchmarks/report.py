@@ -60,6 +60,17 @@ def main(path):
             t = times.get(("population_16", implementation))
             print(f"| {implementation} | {_ms(t)} | {_ratio(t, population)} |")
         print()
+    if any(key in moved for key in cases.TORCH_CASES):
+        print("| through autograd / optimizer.step() | fastdl.torch | torch | vs torch | "
+              "fastdl GB/s |")
+        print("|---|---:|---:|---:|---:|")
+        for key, case in cases.TORCH_CASES.items():
+            ours, theirs = times.get((key, "fastdl.torch")), times.get((key, "torch"))
+            if ours is not None:
+                rate = f"{moved[key] / ours / 1e9:.0f}" if moved[key] else "—"
+                print(f"| {case.name} | {_ms(ours)} | {_ms(theirs)} | "
+                      f"{_ratio(theirs, ours)} | {rate} |")
+        print()
     if triad:
         print(f"Memory bandwidth in the same run (STREAM triad, 2 threads): {triad:.0f} GB/s. "
               "Times are the best of each benchmark's rounds.")

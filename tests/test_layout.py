@@ -130,3 +130,17 @@ def test_no_library_module_imports_the_jobs():
 def test_every_fastdl_import_names_a_module_that_exists():
     _, missing = import_graph()
     assert not missing, "; ".join(f"{module} imports {name}" for module, name in missing)
+
+
+def test_import_fastdl_imports_none_of_the_extras():
+    """``import fastdl`` (and its submodules but fastdl.torch) never imports an optional
+    dependency: torch, optuna, mpi4py, psycopg."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fastdl, fastdl.optim, fastdl.nn, fastdl.training, fastdl.tune; "
+            "print(sorted(m for m in ('torch', 'optuna', 'mpi4py', 'psycopg') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout
