@@ -745,3 +745,25 @@ def grad_error(j, g, p, device):
                          f"{tuple(g.shape)}")
     raise ValueError(f"grads[{j}] must be C-contiguous (read in place, never copied); "
                      "pass a contiguous copy")
+
+
+def class_weight(weight, logits, n_classes, n_models, device, out):
+    """Cross-entropy's ``weight=`` for ``logits`` (checked before) on ``device``: an array of
+    logits' dtype there, C-contiguous, of shape (C,) or, for a population of ``n_models``
+    (None: no population), also (K, C) (per model); not overlapping ``out``, which the gradient
+    pass writes while it reads the weights. Any values, as torch (negative, zero, non-finite)."""
+    same_device(weight, "weight", device, "logits are")
+    shapes = [(n_classes,)] + ([] if n_models is None else [(n_models, n_classes)])
+    expected = " or ".join(map(str, shapes)) + (" (one weight per class)" if n_models is None
+                                                else " (one weight per class, shared or per model)")
+    if device == "cpu" and not isinstance(weight, np.ndarray):
+        raise TypeError(f"weight must be a NumPy array of shape {expected}; got "
+                        f"{describe(weight)}")
+    if weight.dtype != logits.dtype:
+        raise TypeError(f"weight must have logits' dtype {logits.dtype}; got {weight.dtype}")
+    if tuple(weight.shape) not in shapes:
+        raise ValueError(f"weight must have shape {expected}; got {tuple(weight.shape)}")
+    if not c_contiguous(weight):
+        raise ValueError("weight must be C-contiguous (never copied)")
+    if out is not None and overlap(out, weight, device):
+        raise ValueError("out must not overlap weight (the gradient pass reads it)")

@@ -361,20 +361,28 @@ class SoftmaxCrossEntropy(Layer):
     ``backward()`` returns dloss/dlogits, computed in the same fused pass as the loss.
 
     Keywords as :func:`fastdl.softmax_cross_entropy`; ``population=K`` gives per-model losses of
-    shape (K,) (each model's gradient is that of its own loss).
+    shape (K,) (each model's gradient is that of its own loss). ``weight``: class weights (C,)
+    (with a population also (K, C), per model), kept by reference.
     """
 
     def __init__(self, axis=-1, reduction="mean", label_smoothing=0.0, ignore_index=-100,
-                 population=None):
+                 population=None, weight=None):
         population = _validate.model_count(population)
-        # checked here as the function checks them (axis against the rank at forward)
+        # checked here as the function checks them (axis against the rank at forward; weight's
+        # dtype, device and class count against the logits at forward)
+        if weight is not None:
+            _validate.float_array(weight, "weight", ranks=(1, 1 if population is None else 2),
+                                  needs="one weight per class, or per model and class")
+            if len(weight.shape) == 2 and weight.shape[0] != population:
+                raise ValueError(f"weight of shape {tuple(weight.shape)} must have one row per "
+                                 f"model ({population}) or be shared (C,)")
         self.options = dict(
             axis=_validate.integer(axis, "axis"),
             reduction=_validate.option(reduction, "reduction", REDUCTIONS),
             label_smoothing=_validate.number(label_smoothing, "label_smoothing",
                                              _validate.closed_unit_interval),
             ignore_index=_validate.integer(ignore_index, "ignore_index"),
-            population=population is not None)
+            population=population is not None, weight=weight)
         self._grad = None
 
     def forward(self, logits, target):

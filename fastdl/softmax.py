@@ -1,11 +1,13 @@
 """Softmax, log-softmax and fused softmax cross-entropy, along any class axis.
 
-SPEC.md's formulas, for logits ``z`` with C classes along ``axis``::
+SPEC.md's formulas, for logits ``z`` with C classes along ``axis``, p = softmax(z)::
 
     softmax(z)_j = exp(z_j - max z) / sum_k exp(z_k - max z)
-    index target y:  L = -log softmax(z)_y            dL/dz = softmax(z) - onehot(y)
-    probabilities y: L = -sum_j y_j log softmax(z)_j   dL/dz = softmax(z) * sum_j y_j - y
+    index target y:  L = -log p_y                    dL/dz = p - onehot(y)
+    probabilities y: L = -sum_j y_j log p_j          dL/dz = p * sum_j y_j - y
     label smoothing eps: y -> (1 - eps) * y + eps / C  (index targets: y = onehot)
+    class weights w: index:  L = (1-eps) * w_y * (-log p_y) + eps/C * sum_j w_j * (-log p_j)
+                     probabilities: L = -sum_j w_j y_j log p_j  (y smoothed)
 
 Loss and gradient come from one fused pass per row (``kernels/softmax.py``): no probability
 array is made, and ``out=logits`` writes the gradient over the logits. The class axis is any
@@ -32,13 +34,13 @@ class _SoftmaxCpu(HostOps):
 
     def __init__(self, view, dtype):
         from fastdl.kernels import softmax as kernels
-        from fastdl.kernels.config import PARALLEL_MIN_SIZE, threads
+        from fastdl.kernels.config import threads, use_parallel
 
         self.kernels = kernels
         n_models, outer, n_classes, inner = view
         self.rows = n_models * outer
         self.rows_per_model, self.n_classes, self.inner = outer, n_classes, inner
-        self.parallel = self.rows * n_classes * inner >= PARALLEL_MIN_SIZE
+        self.parallel = use_parallel(self.rows * n_classes * inner)
         self.n_workers = threads() * 4 if self.parallel else 1
         self.dtype = dtype
 
@@ -52,26 +54,27 @@ class _SoftmaxCpu(HostOps):
             dummy = _DUMMIES[len(shape), dtype] = self.zeros((1,) * len(shape), dtype)
         return dummy
 
-    def run(self, mode, z, labels, probs, grad_scale, smoothing, ignore_index, out):
-        """Launch one kernel; returns the per-position losses, float64 (rows * inner,).
+    def run(self, mode, z, labels, probs, weight, grad_scale, smoothing, ignore_index, out):
+        """Launch the kernel of ``mode`` (with or without ``weight``: (C,) or (K, C)); returns
+        the per-position losses, float64 (rows * inner,).
 
         ``grad_scale``: (K,) host values; ``smoothing``: (keep, eps, eps / C)."""
         rows, inner, n_classes, dtype = self.rows, self.inner, self.n_classes, self.dtype
         loss = self.empty(rows * inner if mode >= XENT_INDEX else inner, np.float64)
         grad_scale, smoothing = self.from_host(grad_scale, dtype), self.from_host(smoothing, dtype)
-        if inner == 1:
-            shape = (rows, n_classes)
-            kernel = self.kernels.rows_parallel if self.parallel else self.kernels.rows_serial
-            kernel(z.reshape(shape), self._view_or_dummy(labels, (rows,), np.int64),
-                   self._view_or_dummy(probs, shape, dtype), grad_scale, self.rows_per_model,
-                   smoothing, ignore_index, mode, out.reshape(shape), loss)
+        layout = "rows" if inner == 1 else "tiles"
+        shape = (rows, n_classes) if inner == 1 else (rows, n_classes, inner)
+        if probs is not None:
+            target = probs.reshape(shape)
         else:
-            shape = (rows, n_classes, inner)
-            kernel = self.kernels.tiles_parallel if self.parallel else self.kernels.tiles_serial
-            kernel(z.reshape(shape), self._view_or_dummy(labels, (rows, inner), np.int64),
-                   self._view_or_dummy(probs, shape, dtype), grad_scale, self.rows_per_model,
-                   smoothing, ignore_index, mode, self.n_workers, out.reshape(shape),
-                   loss.reshape(-1, inner))
+            target = self._view_or_dummy(labels, shape[:1] + shape[2:], np.int64)
+        kernel = self.kernels.KERNELS[layout, mode, weight is not None][self.parallel]
+        args = (z.reshape(shape), target, self._view_or_dummy(weight, (-1, n_classes), dtype),
+                grad_scale, self.rows_per_model, smoothing, ignore_index)
+        if inner == 1:
+            kernel(*args, out.reshape(shape), loss)
+        else:
+            kernel(*args, self.n_workers, out.reshape(shape), loss.reshape(-1, inner))
         return loss
 
     def label_counts(self, labels, ignore_index):
@@ -81,6 +84,14 @@ class _SoftmaxCpu(HostOps):
         bad = self.kernels.label_counts(labels.reshape(n_models, -1), self.n_classes,
                                         ignore_index, counts)
         return counts, (None if bad == ignore_index else int(bad))
+
+    def label_weights(self, labels, weight, ignore_index):
+        """Per model: the sum of its labels' class weights (labels not ignored), float64."""
+        n_models = self.rows // self.rows_per_model
+        sums = self.empty(n_models, np.float64)
+        self.kernels.label_weights(labels.reshape(n_models, -1),
+                                   weight.reshape(-1, self.n_classes), ignore_index, sums)
+        return sums
 
     def reduce(self, row_loss, scale):
         """Per model: sum of its positions' losses times ``scale[k]``, float64 (K,)."""
@@ -102,13 +113,14 @@ class _SoftmaxCuda(CudaOps):
         self.kernels = kernels
         self.view, self.dtype = view, dtype
 
-    def run(self, mode, z, labels, probs, grad_scale, smoothing, ignore_index, out):
+    def run(self, mode, z, labels, probs, weight, grad_scale, smoothing, ignore_index, out):
         """Launch one kernel; returns the per-position losses, a device array."""
         n_models, outer, _, inner = self.view
         labels = self.zeros(1, np.int64) if labels is None else self.flat(labels)
         probs = self.zeros(1, self.dtype) if probs is None else self.flat(probs)
+        weight = None if weight is None else self.flat(weight)
         loss = self.empty(n_models * outer * inner, self.dtype)
-        self.kernels.run(mode, self.flat(z), labels, probs,
+        self.kernels.run(mode, self.flat(z), labels, probs, weight,
                          self.from_host(grad_scale, self.dtype), outer,
                          self.from_host(smoothing, self.dtype), ignore_index, self.view,
                          self.flat(out), loss)
@@ -119,6 +131,12 @@ class _SoftmaxCuda(CudaOps):
         return self.kernels.label_counts(self.flat(labels), n_models, self.view[2],
                                          ignore_index, self.zeros(n_models, np.int64),
                                          self.zeros(2, np.int64))
+
+    def label_weights(self, labels, weight, ignore_index):
+        n_models = self.view[0]
+        return self.kernels.label_weights(self.flat(labels), n_models, self.flat(weight),
+                                          self.view[2], ignore_index,
+                                          self.zeros(n_models, self.dtype))
 
     def reduce(self, row_loss, scale):
         out = self.empty(self.view[0], self.dtype)
@@ -141,7 +159,7 @@ def _normalize(z, axis, out, mode):
     _validate.check_out(out, "out", z, device, like_name="z")
     ops = _dispatch.select(_FAMILY, device, view, z.dtype)
     out = ops.empty_like(z) if out is None else out
-    ops.run(mode, z, None, None, _ONE, _NO_SMOOTHING, 0, out)
+    ops.run(mode, z, None, None, None, _ONE, _NO_SMOOTHING, 0, out)
     return out
 
 
@@ -171,7 +189,7 @@ def _empty_batch(ops, logits, row_shape, reduction, population, n_models, out):
 
 
 def softmax_cross_entropy(logits, target, axis=-1, reduction="mean", label_smoothing=0.0,
-                          ignore_index=-100, population=False, out=None):
+                          ignore_index=-100, population=False, out=None, weight=None):
     """Cross-entropy of softmax(logits) against ``target``, and its gradient: ``(loss,
     dlogits)``, as ``torch.nn.functional.cross_entropy`` and its autograd.
 
@@ -182,6 +200,15 @@ def softmax_cross_entropy(logits, target, axis=-1, reduction="mean", label_smoot
     positions not ignored; NaN when all are), "sum" or "none" (per position; ignored ones 0).
     label_smoothing: eps in [0, 1]. population: a leading axis of K models, each reduced on
     its own (loss of shape (K,)). out: where to write dlogits (may be logits itself).
+    weight: class weights w, (C,) of logits' dtype on logits' device (with ``population``
+    also (K, C), per model); any values, as torch (SPEC.md)::
+
+        index targets:  L = (1-eps) * w_y * (-log p_y) + eps/C * sum_j w_j * (-log p_j)
+        probabilities:  L = -sum_j w_j y'_j log p_j   (y' = (1-eps) * y + eps/C)
+
+    With weights, "mean" over index targets divides by the sum of w_y over the positions not
+    ignored (NaN when that is 0, with a NaN gradient unless all are ignored, as torch);
+    over probabilities, by the number of positions.
     An empty batch gives torch's results ("mean" NaN, "sum" 0, "none" empty); no classes
     (C = 0) is a ValueError.
 
@@ -205,6 +232,9 @@ def softmax_cross_entropy(logits, target, axis=-1, reduction="mean", label_smoot
     ignore_index = _validate.integer(ignore_index, "ignore_index")
     _validate.check_out(out, "out", logits, device, like_name="logits", forbid_overlap=probs,
                         reason="target (the gradient pass reads it)")
+    if weight is not None:
+        _validate.class_weight(weight, logits, n_classes, n_models if population else None,
+                               device, out)
 
     ops = _dispatch.select(_FAMILY, device, view, logits.dtype)
     per_model = np.prod(row_shape[lead:], dtype=np.int64)
@@ -218,15 +248,20 @@ def softmax_cross_entropy(logits, target, axis=-1, reduction="mean", label_smoot
     else:
         counts = np.full(n_models, per_model)
     if reduction == "mean":
+        # the divisor: positions not ignored, or the sum of their labels' weights
+        divisor = counts
+        if labels is not None and weight is not None:
+            divisor = ops.label_weights(labels, weight, ignore_index)
         with np.errstate(divide="ignore", invalid="ignore"):
-            loss_scale = np.where(counts > 0, 1.0 / counts, np.nan)
-        grad_scale = np.where(counts > 0, loss_scale, 0.0)
+            loss_scale = np.where(divisor != 0, 1.0 / divisor, np.nan)
+        # no position: a zero gradient; positions of zero total weight: NaN (torch's 0 / 0)
+        grad_scale = np.where(divisor != 0, loss_scale, np.where(counts > 0, np.nan, 0.0))
     else:
         loss_scale = grad_scale = np.ones(n_models)
     smoothing = (1 - eps, eps, eps / n_classes)
     dlogits = ops.empty_like(logits) if out is None else out
     row_loss = ops.run(XENT_INDEX if labels is not None else XENT_PROB, logits, labels, probs,
-                       grad_scale, smoothing, ignore_index, dlogits)
+                       weight, grad_scale, smoothing, ignore_index, dlogits)
     if reduction == "none":
         return ops.result(row_loss, row_shape), dlogits
     loss = ops.reduce(row_loss, loss_scale)

@@ -13,9 +13,14 @@ Losses are written per position in the logits' dtype and reduced per model by
 ``sum_per_model_cuda``. Every sum over classes (and over positions) is a per-thread Kahan sum
 merged by a pairwise tree in shared memory, accurate in float32 at C = 1e6 (SPEC.md).
 
+Class weights: class j of model k weighs ``weight[(k % weight_rows) * C * weight_step + j *
+weight_step]``; without weights the launcher passes one weight of 1 with ``weight_step = 0``,
+so both cases run one code path (the weight read is a broadcast from cache), with the same
+formulas as the CPU kernels (kernels/softmax.py's docstring).
+
 A float32 kernel runs no float64 instruction: every constant comes in the logits' dtype
-(``smoothing``; ``w`` = grad_scale, 1 for the softmax modes), never as a Python literal or an
-integer divisor, which would promote the expression.
+(``smoothing``; ``g`` = grad_scale, 1 for the softmax modes; the weights), never as a Python
+literal or an integer divisor, which would promote the expression.
 """
 
 import math
@@ -69,13 +74,14 @@ _kahan_add = device_function(_kahan_add)
 
 def _signatures(tiles):
     extra = (I64,) if tiles else ()
-    return [(array(d), array(np.int64), array(d), array(d), I64, array(d), I64, I64, I64, I64)
-            + extra + (array(d), array(d)) for d in DTYPES]
+    return [(array(d), array(np.int64), array(d), array(d), I64, I64, array(d), I64, array(d),
+             I64, I64, I64, I64) + extra + (array(d), array(d)) for d in DTYPES]
 
 
 @kernel(_signatures(tiles=False))
-def softmax_rows_cuda(z, labels, probs, grad_scale, rows_per_model, smoothing, ignore_index,
-                      mode, n_rows, n_classes, out, loss):
+def softmax_rows_cuda(z, labels, probs, weight, weight_rows, weight_step, grad_scale,
+                      rows_per_model, smoothing, ignore_index, mode, n_rows, n_classes, out,
+                      loss):
     """Rows of n_classes contiguous values; see the module docstring and kernels/softmax.py."""
     tid = cuda.threadIdx.x
     shared = cuda.shared.array(THREADS_PER_BLOCK, z.dtype)
@@ -83,6 +89,8 @@ def softmax_rows_cuda(z, labels, probs, grad_scale, rows_per_model, smoothing, i
     zero = eps - eps
     for r in range(cuda.blockIdx.x, n_rows, cuda.gridDim.x):
         base = r * n_classes
+        model = r // rows_per_model
+        w_base = (model % weight_rows) * n_classes * weight_step  # class j at + j * weight_step
         label = labels[r] if mode == XENT_INDEX else 0
         if mode == XENT_INDEX and label == ignore_index:
             for j in range(tid, n_classes, THREADS_PER_BLOCK):
@@ -97,19 +105,26 @@ def softmax_rows_cuda(z, labels, probs, grad_scale, rows_per_model, smoothing, i
         top = _block_reduce(shared, top, tid, True)
         # what the loss needs of z, read before out (which may be z) is written
         label_gap = top - z[base + label] if mode == XENT_INDEX else zero
-        # per-thread Kahan sums, then the pairwise tree of _block_reduce
-        target_dot_z = target_sum = z_sum = zero
-        dot_c = mass_c = z_c = zero
+        w_label = weight[w_base + label * weight_step]
+        # per-thread Kahan sums, then the pairwise tree of _block_reduce: sum_j w_j (z_j - max)
+        # and W = sum_j w_j for smoothing, sum_j w_j y_j (z_j - max) and sum_j w_j y_j
+        target_dot_z = target_sum = z_sum = w_sum = zero
+        dot_c = mass_c = z_c = w_c = zero
         if mode >= XENT_INDEX:
             for j in range(tid, n_classes, THREADS_PER_BLOCK):
                 shifted = z[base + j] - top
-                z_sum, z_c = _kahan_add(z_sum, z_c, shifted)
+                w = weight[w_base + j * weight_step]
+                z_sum, z_c = _kahan_add(z_sum, z_c, w * shifted)
+                w_sum, w_c = _kahan_add(w_sum, w_c, w)
                 if mode == XENT_PROB:
-                    target_dot_z, dot_c = _kahan_add(target_dot_z, dot_c,
-                                                     probs[base + j] * shifted)
-                    target_sum, mass_c = _kahan_add(target_sum, mass_c, probs[base + j])
+                    t = w * probs[base + j]
+                    target_dot_z, dot_c = _kahan_add(target_dot_z, dot_c, t * shifted)
+                    target_sum, mass_c = _kahan_add(target_sum, mass_c, t)
             if eps != zero:
                 z_sum = _block_reduce(shared, z_sum, tid, False)
+                w_sum = _block_reduce(shared, w_sum, tid, False)
+            else:  # no smoothing term (uniform = 0): leave out even non-finite weights
+                z_sum = w_sum = zero
             if mode == XENT_PROB:
                 target_dot_z = _block_reduce(shared, target_dot_z, tid, False)
                 target_sum = _block_reduce(shared, target_sum, tid, False)
@@ -122,41 +137,47 @@ def softmax_rows_cuda(z, labels, probs, grad_scale, rows_per_model, smoothing, i
                 out[base + j] = e
         total = _block_reduce(shared, total, tid, False)
         log_total = math.log(total)
-        w = grad_scale[r // rows_per_model]
+        g = grad_scale[model]
         if mode == LOG_SOFTMAX:
             for j in range(tid, n_classes, THREADS_PER_BLOCK):
                 out[base + j] = (z[base + j] - top) - log_total
         elif mode == SOFTMAX:
-            inverse = w / total  # w = 1 here
+            inverse = g / total  # g = 1 here
             for j in range(tid, n_classes, THREADS_PER_BLOCK):
                 out[base + j] *= inverse
         elif mode == XENT_INDEX:
-            a, b = w / total, w * uniform
+            keep_w = keep * w_label
+            a, b = g * (keep_w + uniform * w_sum) / total, g * uniform
             for j in range(tid, n_classes, THREADS_PER_BLOCK):
-                out[base + j] = out[base + j] * a - b
+                out[base + j] = out[base + j] * a - b * weight[w_base + j * weight_step]
             cuda.syncthreads()
             if tid == 0:
-                out[base + label] -= w * keep
-                loss[r] = keep * (log_total + label_gap) + eps * log_total - uniform * z_sum
+                out[base + label] -= g * keep_w
+                loss[r] = keep_w * (log_total + label_gap) + uniform * (w_sum * log_total
+                                                                        - z_sum)
         else:
-            mass = keep * target_sum + eps
-            a, b, c = w * mass / total, w * uniform, w * keep
+            mass = keep * target_sum + uniform * w_sum
+            a, b, c = g * mass / total, g * uniform, g * keep
             for j in range(tid, n_classes, THREADS_PER_BLOCK):
-                out[base + j] = out[base + j] * a - (c * probs[base + j] + b)
+                out[base + j] = (out[base + j] * a
+                                 - weight[w_base + j * weight_step] * (c * probs[base + j] + b))
             if tid == 0:
                 loss[r] = mass * log_total - keep * target_dot_z - uniform * z_sum
         cuda.syncthreads()
 
 
 @kernel(_signatures(tiles=True))
-def softmax_tiles_cuda(z, labels, probs, grad_scale, rows_per_model, smoothing, ignore_index,
-                       mode, n_rows, n_classes, inner, out, loss):
+def softmax_tiles_cuda(z, labels, probs, weight, weight_rows, weight_step, grad_scale,
+                       rows_per_model, smoothing, ignore_index, mode, n_rows, n_classes, inner,
+                       out, loss):
     """(rows, n_classes, inner) with inner > 1: a thread per (row, position)."""
     keep, eps, uniform = smoothing[0], smoothing[1], smoothing[2]
     zero = eps - eps
     for item in range(cuda.grid(1), n_rows * inner, cuda.gridsize(1)):
         r, i = item // inner, item % inner
         base = r * n_classes * inner + i  # class c at base + c * inner
+        model = r // rows_per_model
+        w_base = (model % weight_rows) * n_classes * weight_step  # class c at + c * weight_step
         label = labels[item] if mode == XENT_INDEX else 0
         if mode == XENT_INDEX and label == ignore_index:
             for c in range(n_classes):
@@ -169,16 +190,20 @@ def softmax_tiles_cuda(z, labels, probs, grad_scale, rows_per_model, smoothing, 
             if v > top or v != v:
                 top = v
         label_gap = top - z[base + label * inner] if mode == XENT_INDEX else zero
+        w_label = weight[w_base + label * weight_step]
         # Kahan sums: one thread runs over all C classes
-        target_dot_z = target_sum = z_sum = dot_c = mass_c = z_c = zero
+        target_dot_z = target_sum = z_sum = w_sum = dot_c = mass_c = z_c = w_c = zero
         if mode >= XENT_INDEX:
             for c in range(n_classes):
                 shifted = z[base + c * inner] - top
-                z_sum, z_c = _kahan_add(z_sum, z_c, shifted)
+                w = weight[w_base + c * weight_step]
+                if eps != zero:
+                    z_sum, z_c = _kahan_add(z_sum, z_c, w * shifted)
+                    w_sum, w_c = _kahan_add(w_sum, w_c, w)
                 if mode == XENT_PROB:
-                    target_dot_z, dot_c = _kahan_add(target_dot_z, dot_c,
-                                                     probs[base + c * inner] * shifted)
-                    target_sum, mass_c = _kahan_add(target_sum, mass_c, probs[base + c * inner])
+                    t = w * probs[base + c * inner]
+                    target_dot_z, dot_c = _kahan_add(target_dot_z, dot_c, t * shifted)
+                    target_sum, mass_c = _kahan_add(target_sum, mass_c, t)
         total = total_c = zero
         for c in range(n_classes):
             e = math.exp(z[base + c * inner] - top)
@@ -186,26 +211,29 @@ def softmax_tiles_cuda(z, labels, probs, grad_scale, rows_per_model, smoothing, 
             if mode != LOG_SOFTMAX:
                 out[base + c * inner] = e
         log_total = math.log(total)
-        w = grad_scale[r // rows_per_model]
+        g = grad_scale[model]
         if mode == LOG_SOFTMAX:
             for c in range(n_classes):
                 out[base + c * inner] = (z[base + c * inner] - top) - log_total
         elif mode == SOFTMAX:
-            inverse = w / total  # w = 1 here
+            inverse = g / total  # g = 1 here
             for c in range(n_classes):
                 out[base + c * inner] *= inverse
         elif mode == XENT_INDEX:
-            a, b = w / total, w * uniform
-            for c in range(n_classes):
-                out[base + c * inner] = out[base + c * inner] * a - b
-            out[base + label * inner] -= w * keep
-            loss[item] = keep * (log_total + label_gap) + eps * log_total - uniform * z_sum
-        else:
-            mass = keep * target_sum + eps
-            a, b, c_ = w * mass / total, w * uniform, w * keep
+            keep_w = keep * w_label
+            a, b = g * (keep_w + uniform * w_sum) / total, g * uniform
             for c in range(n_classes):
                 out[base + c * inner] = (out[base + c * inner] * a
-                                         - (c_ * probs[base + c * inner] + b))
+                                         - b * weight[w_base + c * weight_step])
+            out[base + label * inner] -= g * keep_w
+            loss[item] = keep_w * (log_total + label_gap) + uniform * (w_sum * log_total - z_sum)
+        else:
+            mass = keep * target_sum + uniform * w_sum
+            a, b, c_ = g * mass / total, g * uniform, g * keep
+            for c in range(n_classes):
+                out[base + c * inner] = (out[base + c * inner] * a
+                                         - weight[w_base + c * weight_step]
+                                         * (c_ * probs[base + c * inner] + b))
             loss[item] = mass * log_total - keep * target_dot_z - uniform * z_sum
 
 
@@ -236,6 +264,26 @@ def label_counts_cuda(labels, per_model, n_classes, ignore_index, counts, bad):
                 bad[1] = label
 
 
+@kernel([(array(np.int64), I64, array(d), I64, I64, array(d)) for d in DTYPES])
+def label_weights_cuda(labels, per_model, weight, n_classes, ignore_index, sums):
+    """sums[k] = the sum of weight[(k % weight_rows) * n_classes + label] over model k's labels
+    not ignored (all in range): a block per model, Kahan per thread, then the tree. ``sums``
+    comes zeroed (its zeros start the sums: ``weight[0] - weight[0]`` is NaN for an infinite
+    weight)."""
+    tid = cuda.threadIdx.x
+    shared = cuda.shared.array(THREADS_PER_BLOCK, weight.dtype)
+    weight_rows = weight.shape[0] // n_classes
+    for k in range(cuda.blockIdx.x, sums.shape[0], cuda.gridDim.x):
+        w_base = (k % weight_rows) * n_classes
+        total = compensation = sums[k]
+        for i in range(k * per_model + tid, (k + 1) * per_model, THREADS_PER_BLOCK):
+            if labels[i] != ignore_index:
+                total, compensation = _kahan_add(total, compensation, weight[w_base + labels[i]])
+        total = _block_reduce(shared, total, tid, False)
+        if tid == 0:
+            sums[k] = total
+
+
 # -- launchers (flat device arrays, checked by fastdl.softmax) ----------------------------------
 
 
@@ -243,22 +291,37 @@ def _items(size):
     return -(-size // THREADS_PER_BLOCK)
 
 
-def run(mode, z, labels, probs, grad_scale, rows_per_model, smoothing, ignore_index, view,
-        out, loss):
+def run(mode, z, labels, probs, weight, grad_scale, rows_per_model, smoothing, ignore_index,
+        view, out, loss):
     """One launch of the kernel of ``view`` = (K, outer, C, inner) (rows = K * outer): writes
     ``out`` and the per-position losses ``loss``, a device array (rows * inner,) of z's dtype
     (written for the cross-entropy modes only). ``labels`` / ``probs`` are flat device arrays
-    or 1-element stand-ins; ``grad_scale`` (K,) and ``smoothing`` (3,) device arrays of z's
-    dtype."""
+    or 1-element stand-ins; ``weight`` a flat (C,) or (K * C,) device array or None;
+    ``grad_scale`` (K,) and ``smoothing`` (3,) device arrays of z's dtype."""
     n_models, outer, n_classes, inner = view
     n_rows = n_models * outer
-    if inner == 1:
-        launch(softmax_rows_cuda, n_rows, z, labels, probs, grad_scale, rows_per_model,
-               smoothing, ignore_index, mode, n_rows, n_classes, out, loss)
+    if weight is None:  # one weight of 1 for every class (weight_step 0)
+        weight, weight_rows, weight_step = _ones(z.dtype), 1, 0
     else:
-        launch(softmax_tiles_cuda, _items(n_rows * inner), z, labels, probs, grad_scale,
-               rows_per_model, smoothing, ignore_index, mode, n_rows, n_classes, inner, out,
-               loss)
+        weight_rows, weight_step = weight.shape[0] // n_classes, 1
+    weights = (weight, weight_rows, weight_step)
+    if inner == 1:
+        launch(softmax_rows_cuda, n_rows, z, labels, probs, *weights, grad_scale,
+               rows_per_model, smoothing, ignore_index, mode, n_rows, n_classes, out, loss)
+    else:
+        launch(softmax_tiles_cuda, _items(n_rows * inner), z, labels, probs, *weights,
+               grad_scale, rows_per_model, smoothing, ignore_index, mode, n_rows, n_classes,
+               inner, out, loss)
+
+
+_ONES = {}  # dtype -> a 1-element device array holding 1, the weight of unweighted classes
+
+
+def _ones(dtype):
+    ones = _ONES.get(np.dtype(dtype))
+    if ones is None:
+        ones = _ONES[np.dtype(dtype)] = cuda.to_device(np.ones(1, dtype))
+    return ones
 
 
 def sum_per_model(values, n_models, scale, out):
@@ -274,3 +337,12 @@ def label_counts(labels, n_models, n_classes, ignore_index, counts, bad):
            n_classes, ignore_index, counts, bad)
     bad = bad.copy_to_host()
     return counts.copy_to_host(), (int(bad[1]) if bad[0] else None)
+
+
+def label_weights(labels, n_models, weight, n_classes, ignore_index, sums):
+    """Per model, the sum of the class weights of its labels not ignored (all in range), as
+    host float64 (K,): the divisor of a weighted "mean" (a second sync). ``weight``: flat (C,)
+    or (K * C,); ``sums``: a zeroed (K,) device array of the weights' dtype."""
+    launch(label_weights_cuda, n_models, labels, labels.shape[0] // n_models, weight, n_classes,
+           ignore_index, sums)
+    return sums.copy_to_host().astype(np.float64)

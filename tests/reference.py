@@ -194,31 +194,41 @@ def log_softmax(z, axis=-1):
 
 
 def softmax_cross_entropy(logits, target, axis=-1, reduction="mean", label_smoothing=0.0,
-                          ignore_index=-100):
+                          ignore_index=-100, weight=None):
     """SPEC.md's cross-entropy for one model, in float64: returns (loss, dlogits).
 
-    The textbook way: a probability array, a dense target array t (smoothed), per-row loss
-    -sum t log p, and the gradient p * sum(t) - t, each row weighted by the reduction.
+    The textbook way: a probability array, a dense target array t (smoothed, times the class
+    weights w), per-row loss -sum t log p, and the gradient p * sum(t) - t, each row weighted
+    by the reduction. With index targets t_j = w_j * ((1 - eps) * onehot_j + eps / C), so the
+    loss is (1 - eps) * w_y * (-log p_y) + eps / C * sum_j w_j * (-log p_j), and "mean" divides
+    by the sum of w_y over the rows not ignored (NaN when that is 0; the gradient then is NaN
+    on the rows not ignored, 0 on the others, as torch); with probabilities, by the row count.
     """
     z = np.moveaxis(np.asarray(logits, np.float64), axis, -1)
     n_classes = z.shape[-1]
     log_p = log_softmax(z)
     eps = label_smoothing
+    w = np.ones(n_classes) if weight is None else np.asarray(weight, np.float64)
     if np.issubdtype(np.asarray(target).dtype, np.integer):
         labels = np.asarray(target)
         kept = labels != ignore_index
-        t = (labels[..., None] == np.arange(n_classes)).astype(np.float64)
-        t = (1 - eps) * t + eps / n_classes
+        onehot = (labels[..., None] == np.arange(n_classes)).astype(np.float64)
+        t = w * ((1 - eps) * onehot + eps / n_classes)
         t[~kept] = 0.0
+        divisor = (onehot * w).sum(axis=-1)[kept].sum()  # sum of w_y over the rows kept
     else:
-        t = (1 - eps) * np.moveaxis(np.asarray(target, np.float64), axis, -1) + eps / n_classes
+        t = w * ((1 - eps) * np.moveaxis(np.asarray(target, np.float64), axis, -1)
+                 + eps / n_classes)
         kept = np.ones(z.shape[:-1], bool)
+        divisor = kept.sum()
     row_loss = -(t * log_p).sum(axis=-1)
     grad = np.exp(log_p) * t.sum(axis=-1, keepdims=True) - t
     if reduction == "mean":
-        count = kept.sum()
-        loss = row_loss.sum() / count if count else np.nan
-        grad = grad / count if count else grad * 0.0
+        loss = row_loss.sum() / divisor if divisor != 0 else np.nan
+        if divisor != 0:
+            grad = grad / divisor
+        else:
+            grad = np.where(kept[..., None], np.nan, 0.0) * grad
     elif reduction == "sum":
         loss = row_loss.sum()
     else:

@@ -165,6 +165,13 @@ def xent(**kwargs):
     return make
 
 
+def xent_overlapping_weight():
+    """weight= a view of the logits that the gradient is written over."""
+    logits = rand(5, 5)
+    args = dict(logits=logits, target=np.array([0, 1, 4, 2, 3]), out=logits, weight=logits[0])
+    return lambda: fd.softmax_cross_entropy(**args), args
+
+
 SOFTMAX = [
     pytest.param(normalize(fd.softmax, z=[1.0, 2.0]), TypeError, "z", id="softmax-z-list"),
     pytest.param(normalize(fd.softmax, axis=1.0), TypeError, "axis", id="softmax-axis-type"),
@@ -199,6 +206,23 @@ SOFTMAX = [
     pytest.param(xent(logits=lambda: np.zeros((0, 4, 5), F32),
                       target=lambda: np.zeros((0, 4), int), out=None, population=True),
                  ValueError, "logits", id="xent-zero-models"),
+    pytest.param(xent(weight=[1.0] * 5), TypeError, "weight", id="xent-weight-list"),
+    pytest.param(xent(weight=lambda: np.ones(5, F64)), TypeError, "weight",
+                 id="xent-weight-dtype"),
+    pytest.param(xent(weight=lambda: np.ones(5, np.int64)), TypeError, "weight",
+                 id="xent-weight-int"),
+    pytest.param(xent(weight=lambda: np.ones(4, F32)), ValueError, "weight",
+                 id="xent-weight-length"),
+    pytest.param(xent(weight=lambda: np.ones((1, 5), F32)), ValueError, "weight",
+                 id="xent-weight-per-model-without-population"),
+    pytest.param(xent(logits=lambda: rand(2, 4, 5), target=lambda: np.zeros((2, 4), int),
+                      out=None, population=True, weight=lambda: np.ones((3, 5), F32)),
+                 ValueError, "weight", id="xent-weight-models"),
+    pytest.param(xent(weight=lambda: np.ones((5, 2), F32)[:, 0]), ValueError, "weight",
+                 id="xent-weight-non-contiguous"),
+    pytest.param(xent(weight=lambda: np.float32(1.0)), TypeError, "weight",
+                 id="xent-weight-scalar"),
+    pytest.param(xent_overlapping_weight, ValueError, "weight", id="xent-weight-overlaps-out"),
 ]
 
 
@@ -383,6 +407,17 @@ NN = [
                  "ignore_index", id="nn-xent-ignore_index-type"),
     pytest.param(construct(nn.SoftmaxCrossEntropy, population="y"), TypeError, "population",
                  id="nn-xent-population-type"),
+    pytest.param(construct(nn.SoftmaxCrossEntropy, weight=[1.0, 2.0]), TypeError, "weight",
+                 id="nn-xent-weight-list"),
+    pytest.param(construct(nn.SoftmaxCrossEntropy, weight=np.ones(3, np.int64)), TypeError,
+                 "weight", id="nn-xent-weight-int"),
+    pytest.param(construct(nn.SoftmaxCrossEntropy, weight=np.ones((2, 3), F32)), ValueError,
+                 "weight", id="nn-xent-weight-per-model-without-population"),
+    pytest.param(construct(nn.SoftmaxCrossEntropy, population=2, weight=np.ones((3, 5), F32)),
+                 ValueError, "weight", id="nn-xent-weight-models"),
+    pytest.param(layer_call(lambda: nn.SoftmaxCrossEntropy(weight=np.ones(4, F32)), "forward",
+                            rand(4, 5), np.array([0, 1, 4, 2])),
+                 ValueError, "weight", id="nn-xent-forward-weight-classes"),
     pytest.param(layer_call(xent_layer, "forward", rand(4, 5), np.array([0, 1, 5, 2])),
                  ValueError, "target", id="nn-xent-forward-label-range"),
     pytest.param(layer_call(xent_layer, "forward", rand(4, 5).tolist(), np.array([0, 1, 4, 2])),

@@ -33,6 +33,11 @@ def logits_for(rng, shape, dtype, scale=3.0):
     return (rng.standard_normal(shape) * scale).astype(dtype)
 
 
+def weights_for(rng, n_classes, dtype, shape=()):
+    """Class weights in [-0.5, 2.5): mostly positive, some negative (torch allows them)."""
+    return (rng.random(shape + (n_classes,)) * 3 - 0.5).astype(dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, axis", LAYOUTS)
 def test_softmax_and_log_softmax_match_reference(rng, shape, axis, dtype):
@@ -155,18 +160,22 @@ def test_all_ignored_mean_is_nan_with_zero_gradient(rng):
 
 @pytest.mark.parametrize("shape, axis", [((5, 4), -1), ((4, 3, 2), 1)])
 @pytest.mark.parametrize("target_kind", ["index", "probability"])
-def test_gradient_is_the_numerical_derivative_of_the_loss(rng, shape, axis, target_kind):
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_gradient_is_the_numerical_derivative_of_the_loss(rng, shape, axis, target_kind,
+                                                          weighted):
     z = logits_for(rng, shape, np.float64)
     if target_kind == "index":
         target = labels_for(rng, shape, axis, n_ignored=1)
     else:
         target = rng.random(shape)
+    weight = weights_for(rng, shape[axis], np.float64) if weighted else None
 
     def loss_at(values):
-        return float(fd.softmax_cross_entropy(values, target, axis=axis,
-                                              label_smoothing=0.1)[0])
+        return float(fd.softmax_cross_entropy(values, target, axis=axis, label_smoothing=0.1,
+                                              weight=weight)[0])
 
-    _, grad = fd.softmax_cross_entropy(z, target, axis=axis, label_smoothing=0.1)
+    _, grad = fd.softmax_cross_entropy(z, target, axis=axis, label_smoothing=0.1,
+                                       weight=weight)
     numerical = np.zeros_like(z)
     h = 1e-6
     for i in np.ndindex(z.shape):
@@ -227,6 +236,143 @@ def test_exp_is_vectorized():
     assert_close(out, np.exp(x.astype(np.float64)), np.float32, SOFTMAX_TOLERANCE)
     assembly = next(iter(exp_all.inspect_asm().values()))
     assert "cvttps2dq" in assembly and ("ymm" in assembly or "xmm" in assembly)
+
+
+# -- class weights (weight=) -------------------------------------------------------------------
+
+# rank 3 logits with the class axis first, in the middle and last; (C, m) and (m, C) each side of
+# the parallel threshold
+WEIGHT_LAYOUTS = [((4, 5, 6), -1), ((4, 5, 6), 0), ((4, 5, 6), 1), ((300, 100), -1),
+                  ((100, 300), 0), ((7, 33), -1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, axis", WEIGHT_LAYOUTS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("label_dtype", [np.int64, np.int16, np.uint8])
+def test_weighted_index_targets_match_reference(rng, shape, axis, dtype, reduction, smoothing,
+                                                label_dtype):
+    z = logits_for(rng, shape, dtype)
+    ignore = 255 if np.dtype(label_dtype).kind == "u" else -100
+    labels = labels_for(rng, shape, axis, label_dtype, ignore_index=ignore, n_ignored=3)
+    weight = weights_for(rng, shape[axis], dtype)
+    loss, grad = fd.softmax_cross_entropy(z, labels, axis=axis, reduction=reduction,
+                                          label_smoothing=smoothing, ignore_index=ignore,
+                                          weight=weight)
+    want_loss, want_grad = ref_cross_entropy(z, labels.astype(np.int64), axis, reduction,
+                                             smoothing, ignore, weight=weight)
+    assert_close(loss, want_loss, dtype, SOFTMAX_TOLERANCE, "loss")
+    assert_close(grad, want_grad, dtype, SOFTMAX_TOLERANCE, "dlogits")
+    assert np.asarray(loss).dtype == dtype and grad.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, axis", WEIGHT_LAYOUTS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_weighted_probability_targets_match_reference(rng, shape, axis, dtype, reduction,
+                                                      smoothing):
+    z = logits_for(rng, shape, dtype)
+    target = rng.random(shape).astype(dtype)  # rows do not sum to 1
+    weight = weights_for(rng, shape[axis], dtype)
+    loss, grad = fd.softmax_cross_entropy(z, target, axis=axis, reduction=reduction,
+                                          label_smoothing=smoothing, weight=weight)
+    want_loss, want_grad = ref_cross_entropy(z, target, axis, reduction, smoothing,
+                                             weight=weight)
+    assert_close(loss, want_loss, dtype, SOFTMAX_TOLERANCE, "loss")
+    assert_close(grad, want_grad, dtype, SOFTMAX_TOLERANCE, "dlogits")
+
+
+def test_weights_of_one_give_the_unweighted_results(rng):
+    z = logits_for(rng, (40, 9), np.float64)
+    labels = labels_for(rng, (40, 9), -1)
+    for smoothing in (0.0, 0.1):
+        plain = fd.softmax_cross_entropy(z, labels, label_smoothing=smoothing)
+        weighted = fd.softmax_cross_entropy(z, labels, label_smoothing=smoothing,
+                                            weight=np.ones(9))
+        for got, want in zip(weighted, plain):
+            assert_close(got, want, np.float64, SOFTMAX_TOLERANCE)
+    # weight scales a row's loss and gradient, and the "mean" divides it out again
+    weight = np.full(9, 2.5)
+    loss, grad = fd.softmax_cross_entropy(z, labels, reduction="sum", weight=weight)
+    want_loss, want_grad = fd.softmax_cross_entropy(z, labels, reduction="sum")
+    assert_close(loss, 2.5 * want_loss, np.float64, SOFTMAX_TOLERANCE)
+    assert_close(grad, 2.5 * want_grad, np.float64, SOFTMAX_TOLERANCE)
+
+
+@pytest.mark.parametrize("shape, axis", [((300, 100), -1), ((100, 300), 0), ((4, 5, 6), 1)])
+@pytest.mark.parametrize("kind", ["index", "probability"])
+def test_weighted_out_logits_writes_the_gradient_over_the_logits(rng, shape, axis, kind):
+    z = logits_for(rng, shape, np.float32)
+    target = (labels_for(rng, shape, axis) if kind == "index"
+              else rng.random(shape).astype(np.float32))
+    weight = weights_for(rng, shape[axis], np.float32)
+    want_loss, want_grad = ref_cross_entropy(z, target, axis, "mean", 0.1, weight=weight)
+    loss, grad = fd.softmax_cross_entropy(z, target, axis=axis, label_smoothing=0.1, out=z,
+                                          weight=weight)
+    assert grad is z
+    assert_close(loss, want_loss, np.float32, SOFTMAX_TOLERANCE)
+    assert_close(z, want_grad, np.float32, SOFTMAX_TOLERANCE)
+
+
+@pytest.mark.parametrize("shape, axis", [((30, 10), -1), ((10, 300), 0), ((4, 5, 6), 1)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind", ["index", "probability"])
+@pytest.mark.parametrize("per_model", [False, True], ids=["shared", "per-model"])
+def test_population_weights_equal_separate_calls(rng, shape, axis, reduction, kind, per_model):
+    n_models = 3
+    z = logits_for(rng, (n_models,) + shape, np.float32)
+    if kind == "index":
+        target = np.stack([labels_for(rng, shape, axis, n_ignored=k) for k in range(n_models)])
+    else:
+        target = rng.random((n_models,) + shape).astype(np.float32)
+    weight = weights_for(rng, shape[axis], np.float32, (n_models,) if per_model else ())
+    loss, grad = fd.softmax_cross_entropy(z, target, axis=axis, reduction=reduction,
+                                          label_smoothing=0.1, population=True, weight=weight)
+    for k in range(n_models):
+        want_loss, want_grad = fd.softmax_cross_entropy(
+            z[k], target[k], axis=axis, reduction=reduction, label_smoothing=0.1,
+            weight=weight[k] if per_model else weight)
+        np.testing.assert_array_equal(loss[k], want_loss)
+        np.testing.assert_array_equal(grad[k], want_grad)
+        ref_loss, ref_grad = ref_cross_entropy(z[k], target[k], axis, reduction, 0.1,
+                                               weight=weight[k] if per_model else weight)
+        assert_close(loss[k], ref_loss, np.float32, SOFTMAX_TOLERANCE, f"loss of model {k}")
+        assert_close(grad[k], ref_grad, np.float32, SOFTMAX_TOLERANCE, f"dlogits of model {k}")
+
+
+@pytest.mark.parametrize("shape, axis", [((4, 6), -1), ((6, 4), 0)])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_zero_weight_sum_mean_is_nan(shape, axis, smoothing):
+    """"mean" over rows whose labels weigh 0 in total is 0 / 0: a NaN loss, NaN gradients on
+    the rows not ignored and 0 on the ignored ones (torch: tests/test_softmax_torch.py); all
+    rows ignored: NaN with a zero gradient."""
+    rng = np.random.default_rng(5)
+    z = logits_for(rng, shape, np.float32)
+    weight = np.array([0, 1, 1, 1, 1, 1][:shape[axis]], np.float32)
+    labels = np.array([0, -100, 0, 0])
+    loss, grad = fd.softmax_cross_entropy(z, labels, axis=axis, label_smoothing=smoothing,
+                                          weight=weight)
+    rows = np.moveaxis(grad, axis, -1)
+    assert np.isnan(loss)
+    assert np.all(np.isnan(rows[[0, 2, 3]])) and np.all(rows[1] == 0)
+    loss, grad = fd.softmax_cross_entropy(z, np.full(4, -100), axis=axis,
+                                          label_smoothing=smoothing, weight=weight)
+    assert np.isnan(loss) and np.all(grad == 0)
+
+
+def test_weighted_loss_layer_equals_the_function(rng):
+    z = logits_for(rng, (2, 30, 10), np.float32)
+    labels = rng.integers(0, 10, (2, 30))
+    weight = weights_for(rng, 10, np.float32, (2,))
+    layer = fd.nn.SoftmaxCrossEntropy(label_smoothing=0.1, population=2, weight=weight)
+    loss = layer.forward(z, labels)
+    want_loss, want_grad = fd.softmax_cross_entropy(z, labels, label_smoothing=0.1,
+                                                    population=True, weight=weight)
+    np.testing.assert_array_equal(loss, want_loss)
+    np.testing.assert_array_equal(layer.backward(), want_grad)
+    assert "weight=" in repr(layer)
 
 
 # -- bad input: a clear error, nothing modified -----------------------------------------------

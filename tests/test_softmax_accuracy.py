@@ -75,12 +75,42 @@ def test_float32_large_class_count(n_classes, axis, kind, smoothing, in_place):
             assert_close(grad, want_grad, np.float32, SOFTMAX_TOLERANCE, f"dlogits, {what}")
 
 
+@pytest.mark.parametrize("n_classes", [65537, 1_000_000])
+@pytest.mark.parametrize("axis", [-1, 0], ids=["rows", "tiles"])
+@pytest.mark.parametrize("kind", ["index", "prob", "raw"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_float32_large_class_count_with_weights(n_classes, axis, kind, smoothing):
+    """Class weights (in [0.1, 3), so that the weighted sums over C cancel nothing but sum
+    many unequal terms) keep float32 within SPEC.md's tolerance of the float64 reference and
+    of torch in float64, every reduction, at C up to 1e6."""
+    rng = np.random.default_rng(n_classes + 7 * axis + 1)
+    shape = (2, n_classes) if axis == -1 else (n_classes, 2)
+    z = (rng.standard_normal(shape) * 4).astype(np.float32)
+    target = targets(rng, kind, shape, axis)
+    weight = (rng.random(n_classes) * 2.9 + 0.1).astype(np.float32)
+    for reduction in ("mean", "sum", "none"):
+        loss, grad = fd.softmax_cross_entropy(z, target, axis=axis, reduction=reduction,
+                                              label_smoothing=smoothing, weight=weight)
+        for name, (want_loss, want_grad) in [
+                ("reference", reference.softmax_cross_entropy(
+                    z, target, axis=axis, reduction=reduction, label_smoothing=smoothing,
+                    weight=weight)),
+                ("torch", torch_cross_entropy(z, target, axis, reduction=reduction,
+                                              label_smoothing=smoothing, float64=True,
+                                              weight=torch.tensor(weight, dtype=torch.float64)))]:
+            what = f"{reduction} against {name}"
+            assert_close(loss, want_loss, np.float32, SOFTMAX_TOLERANCE, f"loss, {what}")
+            assert_close(grad, want_grad, np.float32, SOFTMAX_TOLERANCE, f"dlogits, {what}")
+
+
 # Every CPU kernel path: rows (class axis last) and tiles (class axis 0), serial (below
-# PARALLEL_MIN_SIZE elements) and parallel, each mode, float32 and float64.
+# PARALLEL_MIN_SIZE elements) and parallel, each mode with and without class weights, float32
+# and float64; the script fails if a registered softmax kernel never ran.
 _EVERY_PATH = textwrap.dedent("""
     import sys
     import numpy as np
     import fastdl as fd
+    from fastdl.kernels import config
     from fastdl.kernels.config import PARALLEL_MIN_SIZE
 
     rng = np.random.default_rng(1)
@@ -94,13 +124,24 @@ _EVERY_PATH = textwrap.dedent("""
             probs = rng.random(shape).astype(dtype)
             results[key + " softmax"] = fd.softmax(z, axis=axis)
             results[key + " log_softmax"] = fd.log_softmax(z, axis=axis)
+            weights = (rng.random(shape[axis]) * 3 - 0.5).astype(dtype)
             for eps in (0.0, 0.1):
                 for kind, target in (("index", labels), ("prob", probs)):
-                    loss, grad = fd.softmax_cross_entropy(z, target, axis=axis, reduction="none",
-                                                          label_smoothing=eps)
-                    results[f"{key} {kind} eps {eps} loss"] = loss
-                    results[f"{key} {kind} eps {eps} dlogits"] = grad
+                    for weight in (None, weights):
+                        name = f"{key} {kind} eps {eps} weighted {weight is not None}"
+                        loss, grad = fd.softmax_cross_entropy(
+                            z, target, axis=axis, reduction="none", label_smoothing=eps,
+                            weight=weight)
+                        results[f"{name} loss"] = loss
+                        results[f"{name} dlogits"] = grad
+            # the weighted "mean" divides by the labels' weights (softmax.label_weights)
+            results[f"{key} weighted mean"] = np.atleast_1d(fd.softmax_cross_entropy(
+                z, labels, axis=axis, weight=weights)[0])
     np.savez(sys.argv[1], **results)
+    unused = [name for name, kernel in config.REGISTRY.items()
+              if name.startswith("softmax.") and not kernel.signatures]
+    if unused:
+        sys.exit(f"registered softmax kernels this script never ran: {unused}")
 """)
 
 

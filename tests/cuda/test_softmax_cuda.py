@@ -123,3 +123,64 @@ def test_tiles_sums_over_many_classes_are_compensated():
     assert_close(loss.copy_to_host(), want_loss, np.float32, SOFTMAX_TOLERANCE, "loss")
     assert_close(grad.copy_to_host(), want_grad, np.float32, SOFTMAX_TOLERANCE, "dlogits")
     assert cudalib.LAUNCHES["softmax_tiles_cuda"] == 1
+
+
+# -- class weights -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape, axis", LAYOUTS[:3])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_weighted_cross_entropy(shape, axis, dtype, reduction, kind):
+    rng = np.random.default_rng(6)
+    z = (rng.standard_normal(shape) * 3).astype(dtype)
+    target = labels_for(rng, shape, axis) if kind == "index" else rng.random(shape).astype(dtype)
+    weight = (rng.random(shape[axis]) * 3 - 0.5).astype(dtype)  # some negative, as torch allows
+    loss, grad = fd.softmax_cross_entropy(cuda.to_device(z), cuda.to_device(target), axis=axis,
+                                          reduction=reduction, label_smoothing=0.1,
+                                          weight=cuda.to_device(weight))
+    want_loss, want_grad = reference.softmax_cross_entropy(z, target, axis, reduction, 0.1,
+                                                           weight=weight)
+    cpu_loss, cpu_grad = fd.softmax_cross_entropy(z, target, axis=axis, reduction=reduction,
+                                                  label_smoothing=0.1, weight=weight)
+    for got, want, what in [(loss, want_loss, "loss"), (grad, want_grad, "dlogits")]:
+        assert_close(got.copy_to_host(), want, dtype, SOFTMAX_TOLERANCE, what)
+    assert_close(loss.copy_to_host(), cpu_loss, dtype, SOFTMAX_TOLERANCE, "loss vs cpu")
+    assert_close(grad.copy_to_host(), cpu_grad, dtype, SOFTMAX_TOLERANCE, "dlogits vs cpu")
+    assert cudalib.LAUNCHES[kernel_of(shape, axis)] == 1
+    # the weighted mean over index targets divides by the labels' weights, summed on the GPU
+    assert cudalib.LAUNCHES["label_weights_cuda"] == (kind == "index" and reduction == "mean")
+
+
+@pytest.mark.parametrize("shape, axis", [((4, 6), -1), ((6, 4), 0)])
+def test_per_model_weights_and_zero_weight_sums(shape, axis):
+    """Per-model weights (K, C) against the CPU path; model 1's labels weigh 0 in total (NaN
+    loss, NaN gradient), model 2's are all ignored (NaN loss, zero gradient)."""
+    rng = np.random.default_rng(7)
+    z = rng.standard_normal((3,) + shape).astype(np.float32)
+    labels = np.stack([labels_for(rng, shape, axis), np.zeros(4, np.int64),
+                       np.full(4, -100)])
+    weight = (rng.random((3, shape[axis])) + 0.5).astype(np.float32)
+    weight[1, 0] = 0
+    for smoothing in (0.0, 0.1):
+        loss, grad = fd.softmax_cross_entropy(cuda.to_device(z), cuda.to_device(labels),
+                                              axis=axis, label_smoothing=smoothing,
+                                              population=True, weight=cuda.to_device(weight))
+        cpu_loss, cpu_grad = fd.softmax_cross_entropy(z, labels, axis=axis,
+                                                      label_smoothing=smoothing,
+                                                      population=True, weight=weight)
+        loss, grad = loss.copy_to_host(), grad.copy_to_host()
+        assert np.isnan(loss[1:]).all() and np.isnan(grad[1]).all() and not grad[2].any()
+        assert_close(loss, cpu_loss, np.float32, SOFTMAX_TOLERANCE, "loss vs cpu")
+        assert_close(grad, cpu_grad, np.float32, SOFTMAX_TOLERANCE, "dlogits vs cpu")
+
+
+def test_weight_on_the_host_with_device_logits_is_an_error():
+    z = cuda.to_device(np.zeros((3, 4), np.float32))
+    labels = cuda.to_device(np.array([0, 1, 1]))
+    with pytest.raises(TypeError, match="weight"):
+        fd.softmax_cross_entropy(z, labels, weight=np.ones(4, np.float32))
+    with pytest.raises(TypeError, match="weight"):
+        fd.softmax_cross_entropy(z, labels, weight=cuda.to_device(np.ones(4, np.float64)))
+    with pytest.raises(ValueError, match="weight"):
+        fd.softmax_cross_entropy(z, labels, weight=cuda.to_device(np.ones(5, np.float32)))
