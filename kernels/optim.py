@@ -32,7 +32,7 @@ from collections import namedtuple
 import numpy as np
 from numba import njit, prange
 
-from .config import CACHE, CPU_OPTIONS, FASTMATH, FASTMATH_REPRODUCIBLE, cpu_kernel, cpu_kernel_pair
+from .config import CPU_OPTIONS, FASTMATH, FASTMATH_REPRODUCIBLE, cpu_kernel, cpu_kernel_pair
 from .floats import is_finite
 from .pointers import view
 
@@ -148,13 +148,13 @@ _shared = njit(inline="always", **CPU_OPTIONS)(shared_coefficients)
 # Pass 1: gradient statistics.
 # ---------------------------------------------------------------------------------------------
 
-@njit(fastmath=FASTMATH_REPRODUCIBLE, error_model="numpy", cache=CACHE)
+@njit(inline="always")
 def _sum_squares(g, inv_scale):
     """sum((g * inv_scale)**2) in float64, in a fixed order (lane i % 4, then the lanes
-    pairwise), compiled without reassociation or FMA contraction: LLVM vectorized the
-    reassociable sum differently when the parallel kernel was just compiled and when it was
-    loaded from the cache (numba issue 10617), and the clipping norm differed in its last
-    bits. A separate function (not inlined by numba) so that its instructions keep these flags."""
+    pairwise). Inlined into :func:`_grad_stats`, whose flags (FASTMATH_REPRODUCIBLE: no
+    reassociation, no FMA contraction) its instructions take: LLVM vectorized the reassociable
+    sum differently when the parallel kernel was just compiled and when it was loaded from the
+    cache (numba issue 10617), and the clipping norm differed in its last bits."""
     s0 = s1 = s2 = s3 = 0.0
     n = g.shape[0]
     i = 0
@@ -173,37 +173,40 @@ def _sum_squares(g, inv_scale):
     return (s0 + s1) + (s2 + s3)
 
 
-def _grad_stats(grad_addresses, chunks, model, like, chunk_sumsq, chunk_nonfinite):
-    """Per chunk: sum of (g / grad_scale)**2 in float64, and whether any of them is inf/NaN.
+def _grad_stats(grad_addresses, chunks, model, like, chunk_sumsq, chunk_nonfinite, sumsq,
+                nonfinite):
+    """Per model k: ``sumsq[k]``, the sum of (g / grad_scale)**2 in float64, and
+    ``nonfinite[k]``, whether any of them is inf/NaN; ``chunk_sumsq`` / ``chunk_nonfinite``
+    (n_chunks,) hold each chunk's share.
 
     The sum itself detects non-finite values (an inf or NaN makes it inf or NaN), so the hot
     loop has no per-element test; only a chunk whose sum is not finite is scanned again, to
-    tell a real inf/NaN from squares of huge float64 values overflowing.
+    tell a real inf/NaN from squares of huge float64 values overflowing. The chunks' shares
+    are added per model after the loop, serially and in chunk order: the same bits on any
+    number of threads (and one kernel to compile, not two).
     """
     for c in prange(chunks.shape[0]):
         g = view(grad_addresses[chunks[c, CHUNK.ptr]], chunks[c, CHUNK.lo], chunks[c, CHUNK.hi],
                  like)
         inv_scale = g.dtype.type(model[chunks[c, CHUNK.model], MODEL.inv_scale])
-        sumsq = _sum_squares(g, inv_scale)
-        nonfinite = False
-        if not is_finite(sumsq):
+        chunk_sum = _sum_squares(g, inv_scale)
+        found = False
+        if not is_finite(chunk_sum):
             for i in range(g.shape[0]):
-                nonfinite |= not is_finite(g[i] * inv_scale)
-        chunk_sumsq[c] = sumsq
-        chunk_nonfinite[c] = nonfinite
-
-
-_grad_stats_serial, _grad_stats_parallel = cpu_kernel_pair(_grad_stats)
-
-
-@cpu_kernel
-def _reduce_per_model(chunks, chunk_sumsq, chunk_nonfinite, sumsq, nonfinite):
-    sumsq[:] = 0.0
-    nonfinite[:] = False
+                found |= not is_finite(g[i] * inv_scale)
+        chunk_sumsq[c] = chunk_sum
+        chunk_nonfinite[c] = found
+    for k in range(sumsq.shape[0]):
+        sumsq[k] = 0.0
+        nonfinite[k] = False
     for c in range(chunks.shape[0]):
         k = chunks[c, CHUNK.model]
         sumsq[k] += chunk_sumsq[c]
         nonfinite[k] |= chunk_nonfinite[c]
+
+
+_grad_stats_serial, _grad_stats_parallel = cpu_kernel_pair(_grad_stats,
+                                                           fastmath=FASTMATH_REPRODUCIBLE)
 
 
 def grad_stats(grad_addresses, chunks, model, like, parallel, sumsq, nonfinite):
@@ -211,8 +214,7 @@ def grad_stats(grad_addresses, chunks, model, like, parallel, sumsq, nonfinite):
     chunk_sumsq = np.empty(chunks.shape[0])
     chunk_nonfinite = np.empty(chunks.shape[0], np.bool_)
     kernel = _grad_stats_parallel if parallel else _grad_stats_serial
-    kernel(grad_addresses, chunks, model, like, chunk_sumsq, chunk_nonfinite)
-    _reduce_per_model(chunks, chunk_sumsq, chunk_nonfinite, sumsq, nonfinite)
+    kernel(grad_addresses, chunks, model, like, chunk_sumsq, chunk_nonfinite, sumsq, nonfinite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +224,7 @@ def grad_stats(grad_addresses, chunks, model, like, parallel, sumsq, nonfinite):
 # hyperparameters: the host writes them, and the row builders leave them alone.
 # ---------------------------------------------------------------------------------------------
 
-@njit(**CPU_OPTIONS)  # a helper of coefficients(), not launched: not registered
+@njit(inline="always", **CPU_OPTIONS)
 def _advance_models(model, sumsq, nonfinite, steps, active):
     """Decide per model whether it steps, count the step, and set its gradient multiplier."""
     for k in range(model.shape[0]):
@@ -299,26 +301,43 @@ def _adam_row(row, h, t, model_row, decoupled):
 
 
 SGD_KIND, MOMENTUM_KIND, RMSPROP_KIND, ADAM_KIND, ADAMW_KIND = range(5)
+KIND_NAMES = ("sgd", "momentum", "rmsprop", "adam", "adamw")
 
 
-@cpu_kernel
+def _coefficient_builder(kind):
+    """:func:`coefficients` of optimizer ``kind`` alone: a closure whose ``kind`` numba folds
+    (the other optimizers' rows are pruned before typing), so that a run compiles only the row
+    of the optimizer it uses (with ``kind`` a run-time argument, all five compiled: 1.1 s of a
+    cold demo's first epoch)."""
+
+    def build(hyper, model, sumsq, nonfinite, steps, active, coef):
+        _advance_models(model, sumsq, nonfinite, steps, active)
+        n_groups, n_models = hyper.shape[0], hyper.shape[1]
+        for grp in range(n_groups):
+            for k in range(n_models):
+                row, h, t = coef[grp * n_models + k], hyper[grp, k], steps[k]
+                if kind == SGD_KIND:
+                    _sgd_row(row, h, t, model[k], False)
+                elif kind == MOMENTUM_KIND:
+                    _momentum_row(row, h, t, model[k], False)
+                elif kind == RMSPROP_KIND:
+                    _rmsprop_row(row, h, t, model[k], False)
+                else:
+                    _adam_row(row, h, t, model[k], kind == ADAMW_KIND)
+
+    return build
+
+
+# kind -> its compiled coefficient builder, registered as "optim.coefficients.<kind name>"
+COEFFICIENT_KERNELS = tuple(cpu_kernel(_coefficient_builder(kind), name=f"optim.coefficients.{n}")
+                            for kind, n in enumerate(KIND_NAMES))
+
+
 def coefficients(kind, hyper, model, sumsq, nonfinite, steps, active, coef):
     """Advance the models (skip, count, gradient multiplier), then fill coefficient row
     g * K + k of every group g and model k for optimizer ``kind``: hyper (G, K, F) float64,
-    coef (G * K, columns) in the parameters' dtype."""
-    _advance_models(model, sumsq, nonfinite, steps, active)
-    n_groups, n_models = hyper.shape[0], hyper.shape[1]
-    for grp in range(n_groups):
-        for k in range(n_models):
-            row, h, t = coef[grp * n_models + k], hyper[grp, k], steps[k]
-            if kind == SGD_KIND:
-                _sgd_row(row, h, t, model[k], False)
-            elif kind == MOMENTUM_KIND:
-                _momentum_row(row, h, t, model[k], False)
-            elif kind == RMSPROP_KIND:
-                _rmsprop_row(row, h, t, model[k], False)
-            else:
-                _adam_row(row, h, t, model[k], kind == ADAMW_KIND)
+    coef (G * K, columns) in the parameters' dtype. Runs ``COEFFICIENT_KERNELS[kind]``."""
+    COEFFICIENT_KERNELS[kind](hyper, model, sumsq, nonfinite, steps, active, coef)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -97,6 +97,31 @@ def test_demo_command_runs_and_reports(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+# Runs a short demo in a fresh process (other tests have run other kernels in this one) and
+# prints the CPU kernels it ran: REGISTRY names with a compiled or cached signature.
+KERNELS_SCRIPT = """
+import sys
+from fastdl.jobs import demo
+from fastdl.kernels import config
+
+demo.run(["--epochs", "1", "--no-progress", "--out", sys.argv[1], "--optimizer", sys.argv[2]])
+print(" ".join(sorted(name for name, kernel in config.REGISTRY.items() if kernel.signatures)))
+"""
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_compile_notice_names_the_kernels_the_demo_runs(tmp_path, optimizer):
+    result = subprocess.run([sys.executable, "-c", KERNELS_SCRIPT, str(tmp_path), optimizer],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "FASTDL_DEVICE": "cpu"})
+    assert result.returncode == 0, result.stderr
+    ran = set(result.stdout.strip().splitlines()[-1].split())
+    # the update kernel is made (and registered) on first use: the notice cannot ask for it
+    updates = {name for name in ran if name.startswith("optim.update.")}
+    assert len(updates) == 1
+    assert ran - updates == set(demo.demo_kernels(optimizer))
+
+
 def test_unknown_command_is_an_error():
     result = subprocess.run([sys.executable, "-m", "fastdl", "train"], capture_output=True,
                             text=True)
