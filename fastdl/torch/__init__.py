@@ -11,6 +11,13 @@ CPU tensors are read as NumPy views (no copy); CUDA tensors go through
 torch; this module needs it (``pip install -e ".[torch]"``).
 """
 
+from .nn import BatchNorm1d as BatchNorm1d
+from .nn import BatchNorm2d as BatchNorm2d
+from .nn import BatchNorm3d as BatchNorm3d
+from .nn import CrossEntropyLoss as CrossEntropyLoss
+from .nn import Dropout as Dropout
+from .nn import cross_entropy as cross_entropy
+from .nn import patch as patch
 from .optim import SGD as SGD
 from .optim import Adam as Adam
 from .optim import AdamW as AdamW

@@ -51,8 +51,8 @@ def tensor(a, like):
 
 def kernel_layout(t, dim):
     """``t`` as the kernels read it, in place when its memory allows: ``(view, k)`` with
-    ``view = t.movedim(dim, k)`` C-contiguous. k = dim for a contiguous tensor; k = -1 (the
-    last axis) for channels-last ones ((N, H, W, C) for an (N, C, H, W) tensor); any other
+    ``view = t.movedim(dim, k)`` C-contiguous. k = dim for a contiguous tensor; k = the last
+    axis for channels-last ones ((N, H, W, C) for an (N, C, H, W) tensor); any other
     position whose moved view is contiguous (e.g. k = 0: (C, N), the notes' layout). Other
     layouts are copied to a contiguous tensor (as torch's own kernels do): ``(t.contiguous(),
     dim)``. Moving one axis keeps the order of the others, so per-position targets and
