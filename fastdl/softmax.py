@@ -62,19 +62,22 @@ class _SoftmaxCpu(HostOps):
         rows, inner, n_classes, dtype = self.rows, self.inner, self.n_classes, self.dtype
         loss = self.empty(rows * inner if mode >= XENT_INDEX else inner, np.float64)
         grad_scale, smoothing = self.from_host(grad_scale, dtype), self.from_host(smoothing, dtype)
-        layout = "rows" if inner == 1 else "tiles"
-        shape = (rows, n_classes) if inner == 1 else (rows, n_classes, inner)
-        if probs is not None:
-            target = probs.reshape(shape)
-        else:
-            target = self._view_or_dummy(labels, shape[:1] + shape[2:], np.int64)
-        kernel = self.kernels.KERNELS[layout, mode, weight is not None][self.parallel]
-        args = (z.reshape(shape), target, self._view_or_dummy(weight, (-1, n_classes), dtype),
-                grad_scale, self.rows_per_model, smoothing, ignore_index)
+        weighted = weight is not None
+        weight = self._view_or_dummy(weight, (-1, n_classes), dtype)
         if inner == 1:
-            kernel(*args, out.reshape(shape), loss)
+            shape = (rows, n_classes)
+            target = (probs.reshape(shape) if probs is not None
+                      else self._view_or_dummy(labels, (rows,), np.int64))
+            self.kernels.KERNELS["rows", mode, weighted][self.parallel](
+                z.reshape(shape), target, weight, grad_scale, self.rows_per_model, smoothing,
+                ignore_index, out.reshape(shape), loss)
         else:
-            kernel(*args, self.n_workers, out.reshape(shape), loss.reshape(-1, inner))
+            shape = (rows, n_classes, inner)
+            target = (probs.reshape(shape) if probs is not None
+                      else self._view_or_dummy(labels, (rows, inner), np.int64))
+            self.kernels.KERNELS["tiles", mode, weighted][self.parallel](
+                z.reshape(shape), target, weight, grad_scale, self.rows_per_model, smoothing,
+                ignore_index, self.n_workers, out.reshape(shape), loss.reshape(-1, inner))
         return loss
 
     def label_counts(self, labels, ignore_index):
@@ -255,7 +258,7 @@ def softmax_cross_entropy(logits, target, axis=-1, reduction="mean", label_smoot
         with np.errstate(divide="ignore", invalid="ignore"):
             loss_scale = np.where(divisor != 0, 1.0 / divisor, np.nan)
         # no position: a zero gradient; positions of zero total weight: NaN (torch's 0 / 0)
-        grad_scale = np.where(divisor != 0, loss_scale, np.where(counts > 0, np.nan, 0.0))
+        grad_scale = np.where(counts > 0, loss_scale, 0.0)
     else:
         loss_scale = grad_scale = np.ones(n_models)
     smoothing = (1 - eps, eps, eps / n_classes)
