@@ -767,3 +767,15 @@ def class_weight(weight, logits, n_classes, n_models, device, out):
         raise ValueError("weight must be C-contiguous (never copied)")
     if out is not None and overlap(out, weight, device):
         raise ValueError("out must not overlap weight (the gradient pass reads it)")
+
+
+def saved_param_groups(groups, n_groups):
+    """A state dict's ``param_groups``: a list of ``n_groups`` entries (TypeError for another
+    type, ValueError for another count)."""
+    if not isinstance(groups, (list, tuple)):
+        raise TypeError(f"state_dict['param_groups'] must be a list of dicts; got "
+                        f"{describe(groups)}")
+    if len(groups) != n_groups:
+        raise ValueError(f"state_dict has {len(groups)} parameter groups; this optimizer has "
+                         f"{n_groups}")
+    return groups

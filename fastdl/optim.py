@@ -398,13 +398,7 @@ class _Optimizer:
         _validate.entries(d, "state_dict", self._STATE_KEYS)
         steps = _validate.step_counts(d["step"], "state_dict['step']", self._steps.shape)
 
-        saved_groups = d["param_groups"]
-        if not isinstance(saved_groups, (list, tuple)):
-            raise TypeError("state_dict['param_groups'] must be a list of dicts; got "
-                            f"{_validate.describe(saved_groups)}")
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(saved_groups)} parameter groups; this "
-                             f"optimizer has {len(self.param_groups)}")
+        saved_groups = _validate.saved_param_groups(d["param_groups"], len(self.param_groups))
         hyper, groups = self._hyper.copy(), []
         for g, (saved, indices) in enumerate(zip(saved_groups, self._group_indices)):
             argument = f"state_dict['param_groups'][{g}]"

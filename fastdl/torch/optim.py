@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
+from .. import _validate
 from .. import optim as _core
 from ._tensors import check_float, tensor
 
@@ -391,13 +392,7 @@ class _Optimizer(torch.optim.Optimizer):
         for key in ("state", "param_groups"):
             if key not in d:
                 raise ValueError(f"state_dict has no {key!r} entry")
-        saved_groups = d["param_groups"]
-        if not isinstance(saved_groups, (list, tuple)):
-            raise TypeError("state_dict['param_groups'] must be a list of dicts; got "
-                            f"{type(saved_groups).__name__}")
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(saved_groups)} parameter groups; this "
-                             f"optimizer has {len(self.param_groups)}")
+        saved_groups = _validate.saved_param_groups(d["param_groups"], len(self.param_groups))
         groups = []
         for g, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             where = f"state_dict['param_groups'][{g}]"
