@@ -295,8 +295,10 @@ def _adam_row(row, h, t, model_row, decoupled):
     row[ADAM.one_minus_beta1] = 1.0 - h[H.beta1]
     row[ADAM.beta2] = h[H.beta2]
     row[ADAM.one_minus_beta2] = 1.0 - h[H.beta2]
-    row[ADAM.step_size] = lr / (1.0 - h[H.beta1] ** t)
-    row[ADAM.bias_correction2_sqrt] = math.sqrt(1.0 - h[H.beta2] ** t)
+    # math.pow, as Python's and PyTorch's ``beta ** t`` (libm's pow); numba's float ** int is
+    # repeated squaring, which can differ in the last bit and compiles for 0.05 s more
+    row[ADAM.step_size] = lr / (1.0 - math.pow(h[H.beta1], np.float64(t)))
+    row[ADAM.bias_correction2_sqrt] = math.sqrt(1.0 - math.pow(h[H.beta2], np.float64(t)))
     row[ADAM.eps] = h[H.eps]
 
 

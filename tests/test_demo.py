@@ -122,6 +122,48 @@ def test_compile_notice_names_the_kernels_the_demo_runs(tmp_path, optimizer):
     assert ran - updates == set(demo.demo_kernels(optimizer))
 
 
+# A cold demo in a fresh process and cache: the kernels compiled while it trains (numba's
+# compile events inside training.train), after the two compile workloads ran ahead of it.
+COMPILE_AHEAD_SCRIPT = """
+import sys
+from numba.core import event
+from fastdl import training
+from fastdl.jobs import demo
+
+during_training, compiled = [False], []
+
+class Recorder(event.Listener):
+    def on_start(self, ev):
+        if during_training[0]:
+            compiled.append(ev.data["dispatcher"].py_func.__qualname__)
+    def on_end(self, ev):
+        pass
+
+event.register("numba:compile", Recorder())
+train = training.train
+
+def recorded_train(*args, **kwargs):
+    during_training[0] = True
+    return train(*args, **kwargs)
+
+training.train = recorded_train
+demo.run(["--epochs", "1", "--no-progress", "--out", sys.argv[1], "--optimizer", sys.argv[2]])
+print("compiled while training:", " ".join(compiled) or "nothing")
+"""
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "momentum"])
+def test_a_cold_demo_compiles_its_kernels_ahead_on_two_processes(tmp_path, optimizer):
+    result = subprocess.run([sys.executable, "-c", COMPILE_AHEAD_SCRIPT, str(tmp_path),
+                             optimizer], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "FASTDL_DEVICE": "cpu",
+                                 "NUMBA_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    assert "compiling fastdl's kernels for this machine, once" in result.stdout
+    assert "compiled in " in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "compiled while training: nothing"
+
+
 def test_unknown_command_is_an_error():
     result = subprocess.run([sys.executable, "-m", "fastdl", "train"], capture_output=True,
                             text=True)

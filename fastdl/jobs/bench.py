@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import optim
-from .common import machine_description, torch_available
+from .common import machine_description, torch_version
 from .textbook import TextbookAdam
 
 IMPLEMENTATIONS = ("fastdl", "numpy", "torch")
@@ -140,7 +140,7 @@ def run(argv=None):
                                      "PyTorch (if installed)")
     parser.add_argument("--quick", action="store_true", help="shorter timing rounds")
     quick = parser.parse_args(argv).quick
-    implementations = [i for i in IMPLEMENTATIONS if i != "torch" or torch_available()]
+    implementations = [i for i in IMPLEMENTATIONS if i != "torch" or torch_version() is not None]
     print(f"fastdl optimizer benchmark — {machine_description()}")
     print(f"device: cpu; float32; implementations alternate round by round, best of 7 rounds;"
           f" {time.strftime('%Y-%m-%d')}")
