@@ -74,6 +74,14 @@ class _BatchNormCpu(HostOps):
         self.kernels.input_grad(self.plan, self._as_view(dy), self._as_view(x), a, b, mean, c0,
                                 self._as_view(dx))
 
+    def affine_relu_dropout(self, x, mean, scale, shift, draw, y):
+        """y = dropout(relu((x - mean) * scale + shift)), ``draw`` a fastdl.dropout.MaskDraw
+        (rows plans only: kernels/block.py)."""
+        from fastdl.kernels import block
+
+        block.affine_relu_dropout(self.plan, self._as_view(x), mean, scale, shift, *draw,
+                                  self._as_view(y))
+
     # coefficients(values, dtype): per-channel host values (K, C) as the kernels take them,
     # (K, C) arrays of dtype (no copy when they already are)
     coefficients = staticmethod(HostOps.from_host)
@@ -138,6 +146,15 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True,
     with no values (an empty batch, or C = 0) gives an empty y and leaves the running
     statistics alone, as torch.nn.functional.batch_norm.
     """
+    return _forward(x, gamma, beta, running_mean, running_var, training, momentum, eps,
+                    channel_axis, population, out)
+
+
+def _forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, channel_axis,
+             population, out, relu_dropout=None):
+    """:func:`batch_norm_forward`; with ``relu_dropout`` (a ``fastdl.dropout.MaskDraw``, CPU
+    and the rows layout only: fastdl._block checks) y is ``dropout(relu(batch norm))`` in one
+    pass (kernels/block.py), the block's output."""
     population = _validate.population_flag(population)
     device = _validate.float_array(x, "x", population, ranks=(2, 5))
     rank = len(x.shape) - int(population)
@@ -188,8 +205,12 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True,
     # y = (x - mean_near) * scale + (beta - (mean - mean_near) * scale)
     mean_near, mean_error = _split_mean(mean, x.dtype)
     y = ops.empty_like(x) if out is None else out
-    ops.affine(x, ops.coefficients(mean_near, x.dtype), ops.coefficients(scale, x.dtype),
-               ops.coefficients(beta64 - mean_error * scale, x.dtype), y)
+    coefficients = (ops.coefficients(mean_near, x.dtype), ops.coefficients(scale, x.dtype),
+                    ops.coefficients(beta64 - mean_error * scale, x.dtype))
+    if relu_dropout is None:
+        ops.affine(x, *coefficients, y)
+    else:
+        ops.affine_relu_dropout(x, *coefficients, relu_dropout, y)
     cache = BatchNormCache(x, mean.reshape(per_channel), inv_std.reshape(per_channel), gamma,
                            training, axis, population, m, ops)
     return y, cache

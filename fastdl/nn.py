@@ -7,11 +7,12 @@ call to call when shapes repeat (a fresh 32 MB array costs page faults), so keep
 output you need past the next call.
 """
 
+import contextlib
 import math
 
 import numpy as np
 
-from . import _dense, _dispatch, _validate
+from . import _block, _dense, _dispatch, _validate
 from .batchnorm import batch_norm_backward, batch_norm_forward
 from .device import is_device_array, location, threads_beside_blas, to_host
 from .dropout import dropout_backward, dropout_forward
@@ -470,24 +471,37 @@ class Sequential(Layer):
             layer.eval()
         return super().eval()
 
+    def _units(self):
+        """The layers, each BatchNorm - ReLU - Dropout run as one fused unit
+        (fastdl._block), built on first use."""
+        units = self.__dict__.get("_fused_units")
+        if units is None:
+            units = self._fused_units = _block.units(self.layers, (BatchNorm, ReLU, Dropout))
+        return units
+
     def forward(self, x):
-        with threads_beside_blas(x):
-            for layer in self.layers:
-                x = layer.forward(x)
+        linears = [layer for layer in self.layers if isinstance(layer, Linear)]
+        shape = tuple(x.shape)
+        if linears and len(shape) >= 2:  # the batch's examples, for _kernel_threads
+            self._examples = shape[-1] if linears[0].feature_axis == 0 else shape[-2]
+        with _kernel_threads(self, x, self.__dict__.get("_examples", 1)):
+            for unit in self._units():
+                x = unit.forward(x)
         return x
 
     def backward(self, dout, input_grad=True):
         """Backward through every layer; returns the input's gradient, or None with
         ``input_grad=False`` (training on data: a first Linear then skips that product)."""
-        with threads_beside_blas(dout):
-            for i in range(len(self.layers) - 1, -1, -1):
-                layer = self.layers[i]
+        units = self._units()
+        with _kernel_threads(self, dout, self.__dict__.get("_examples", 1)):
+            for i in range(len(units) - 1, -1, -1):
+                unit = units[i]
                 if i == 0 and not input_grad:
-                    if isinstance(layer, Linear):
-                        return layer.backward(dout, input_grad=False)
-                    layer.backward(dout)
+                    if isinstance(unit, Linear):
+                        return unit.backward(dout, input_grad=False)
+                    unit.backward(dout)
                     return None
-                dout = layer.backward(dout)
+                dout = unit.backward(dout)
         return dout
 
     def params(self):
@@ -507,6 +521,25 @@ class Sequential(Layer):
     def __repr__(self):
         inner = "".join(f"\n  {layer!r}," for layer in self.layers)
         return f"Sequential({inner}\n)"
+
+
+def _kernel_threads(model, like, n_examples):
+    """The threads for fastdl's CPU kernels around ``model``'s forward, backward or optimizer
+    step on batches of ``n_examples``.
+
+    :func:`fastdl.device.threads_beside_blas` (one thread, for a host ``like``) for one model,
+    and for a population whose Linear layers run their products on BLAS
+    (``fastdl._dense.blas_product``: large ones); no limit for a population whose products are
+    all fastdl's kernels (kernels/dense.py): no other thread pool runs, and its products,
+    batch norm, dropout and optimizer steps each split the K models across the cores. (One
+    small model gains nothing from a second thread: a demo epoch took 13-16 ms either way.)"""
+    layers = model.layers if isinstance(model, Sequential) else [model]
+    if all(getattr(layer, "population", None) is None for layer in layers) or any(
+            isinstance(layer, Linear) and _dense.blas_product(n_examples * layer.n_in
+                                                              * layer.n_out)
+            for layer in layers):
+        return threads_beside_blas(like)
+    return contextlib.nullcontext()
 
 
 class EarlyStopping:
