@@ -139,8 +139,10 @@ def cpu_threads(n):
     Why: next to NumPy's matrix products the two thread pools fight over the cores. OpenBLAS's
     threads spin for a while after each product, and a parallel fastdl kernel launched then
     waits for them: on 2 cores a training step of ``fastdl.nn`` layers ran 35x slower.
-    ``Sequential`` runs its forward and backward in ``cpu_threads(1)``, leaving the cores to
-    BLAS; wrap an optimizer step that follows the same way.
+    ``Sequential`` runs one model's forward and backward in ``cpu_threads(1)``, leaving the
+    cores to BLAS; wrap an optimizer step that follows the same way. (A population whose
+    products are fastdl's own kernels, kernels/dense.py, has no BLAS pool beside it:
+    ``Sequential`` and ``fastdl.training`` leave its kernels every core.)
     """
     import numba
 
