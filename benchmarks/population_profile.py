@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch  # before fastdl's kernels, which set GOMP_SPINCOUNT: torch's OpenMP keeps its own
 
 import fastdl as fd
 from fastdl import data, nn, training
@@ -134,7 +135,6 @@ TORCH_GROUPS = {
 def torch_profile(n_models, epochs=2):
     """({group: seconds per epoch}, epoch seconds) of the "bmm" ensemble with one fused Adam
     (train steps only, as fastdl's)."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     (X, y), _, _ = data.load_digits(0)

@@ -66,6 +66,8 @@ def main(argv=None):
     parser.add_argument("--models", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--epochs", type=int, default=10)
     args = parser.parse_args(argv)
+    # imported before fastdl's kernels, which set GOMP_SPINCOUNT (kernels/config.py): PyTorch's
+    # OpenMP keeps its default
     import torch
 
     results, thrown = {}, 0
