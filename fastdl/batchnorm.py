@@ -134,7 +134,8 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True,
     models is added and statistics are per model and channel). gamma, beta, running_mean,
     running_var: (C,) arrays of x's dtype ((K, C) for a population); gamma / beta None mean
     1 / 0; running statistics None are not tracked in training and are required at test time.
-    Training updates the running statistics in place. ``out``: where to write y. An input
+    Training updates the running statistics in place, with ``momentum`` (a scalar, or (K,)
+    values for a population). ``out``: where to write y. An input
     with no values (an empty batch, or C = 0) gives an empty y and leaves the running
     statistics alone, as torch.nn.functional.batch_norm.
     """
@@ -159,7 +160,9 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True,
     if training and m == 1:
         raise ValueError(f"training needs more than one value per channel (x of shape "
                          f"{x.shape} has 1 per channel at channel_axis={channel_axis})")
-    momentum = _validate.number(momentum, "momentum", _validate.closed_unit_interval)
+    # (K, 1): one momentum per model (a scalar, or K values with a population)
+    momentum = _validate.hyperparameter(momentum, "momentum", n_models if population else None,
+                                        _validate.closed_unit_interval)[:, None]
     eps = _validate.number(eps, "eps", _validate.positive)
     _validate.check_out(out, "out", x, device, forbid_overlap=x,
                         reason="x: backward reads x from the cache")
