@@ -23,11 +23,18 @@ def _t(a, transpose):
 class _DenseCpu(HostOps):
     """NumPy on host arrays."""
 
-    @staticmethod
-    def matmul(a, b, out, transpose_a=False, transpose_b=False):
+    def __init__(self):
+        from fastdl.kernels import config
+
+        # BLAS's threads spin after a product: fastdl's parallel kernels wait for a while
+        self._note_blas_product = config.note_blas_product
+
+    def matmul(self, a, b, out, transpose_a=False, transpose_b=False):
         """out = op(a) @ op(b), op = transpose of the last two axes where asked. 2-D, or 3-D for
         a population (K, ., .) in one batched call; a 2-D operand is shared by the K models."""
-        return np.matmul(_t(a, transpose_a), _t(b, transpose_b), out=out)
+        np.matmul(_t(a, transpose_a), _t(b, transpose_b), out=out)
+        self._note_blas_product()
+        return out
 
     @staticmethod
     def add_bias(y, b, feature_axis):

@@ -140,7 +140,8 @@ def cpu_threads(n):
     threads spin for a while after each product, and a parallel fastdl kernel launched then
     waits for them: on 2 cores a training step of ``fastdl.nn`` layers ran 35x slower.
     ``Sequential`` runs its forward and backward in ``cpu_threads(1)``, leaving the cores to
-    BLAS; wrap an optimizer step that follows the same way.
+    BLAS, and for 0.2 s after a product of fastdl's layers every kernel (an optimizer step
+    included) runs serially anyway (``fastdl.kernels.config.BLAS_SPIN_SECONDS``).
     """
     import numba
 

@@ -225,9 +225,8 @@ def plan(n_models, outer, channels, inner):
     Work is split along the rows first (memory order), then the channels, then the runs, until
     there are ~4 items per thread (for load balance) or nothing left to split. Plans are
     cached: a training loop asks for the same few shapes every step."""
-    n_threads = threads()
-    parallel = n_threads > 1 and n_models * outer * channels * inner >= config.PARALLEL_MIN_SIZE
-    return _plan(n_models, outer, channels, inner, parallel, n_threads)
+    parallel = config.use_parallel(n_models * outer * channels * inner)
+    return _plan(n_models, outer, channels, inner, parallel, threads())
 
 
 @functools.lru_cache(maxsize=256)
