@@ -465,7 +465,7 @@ class _Slot:
 
 
 def optimize(study, space, n_trials, population=16, epochs=10, optimizer="adam", splits=None,
-             seed=0, pbt=False, pbt_interval=5, batch_size=64,
+             seed=0, pbt=False, pbt_interval=5, batch_size=64, refill=True,
              heartbeat_interval=HEARTBEAT_INTERVAL, stale_after=STALE_AFTER, progress=None,
              device=None):
     """Run ``study`` (an ``optuna.Study``, direction minimize) until it holds ``n_trials``
@@ -486,8 +486,10 @@ def optimize(study, space, n_trials, population=16, epochs=10, optimizer="adam",
     ``diverged``, ``lineage`` and ``hyper`` (the hyperparameters at the end: with PBT they may
     differ from the trial's params).
 
-    ``pbt=True``: every ``pbt_interval`` epochs :func:`pbt` copies the best models over the
-    worst (exploit) and perturbs the copies' hyperparameters (explore).
+    ``refill=False`` leaves a freed slot empty until every slot is free, then asks K trials
+    at once (rounds: what refilling saves, measured). ``pbt=True``: every ``pbt_interval``
+    epochs :func:`pbt` copies the best models over the worst (exploit) and perturbs the copies'
+    hyperparameters (explore).
 
     Several workers (processes or machines) may run ``optimize`` on one study: a worker asks
     only while finished + running trials < ``n_trials``, beats a heartbeat for its running
@@ -517,8 +519,10 @@ def optimize(study, space, n_trials, population=16, epochs=10, optimizer="adam",
     check_study(study, space)
     if splits is None:
         splits = data.load_digits(seed)
+    refill = _validate.flag(refill, "refill")
     worker = _Worker(study, space, n_trials, population, epochs, optimizer, splits, seed, pbt,
-                     pbt_interval, batch_size, heartbeat_interval, stale_after, progress, device)
+                     pbt_interval, batch_size, refill, heartbeat_interval, stale_after, progress,
+                     device)
     try:
         worker.loop()
     finally:
@@ -530,14 +534,15 @@ class _Worker:
     """The loop of :func:`optimize` (one process's share of a study)."""
 
     def __init__(self, study, space, n_trials, population, epochs, optimizer, splits, seed,
-                 pbt, pbt_interval, batch_size, heartbeat_interval, stale_after, progress,
-                 device):
+                 pbt, pbt_interval, batch_size, refill, heartbeat_interval, stale_after,
+                 progress, device):
         import optuna
 
         self.optuna, self.study, self.space = optuna, study, space
         self.distributions = optuna_distributions(space)
         self.n_trials, self.epochs, self.seed = n_trials, epochs, seed
         self.pbt, self.pbt_interval, self.progress = pbt, pbt_interval, progress
+        self.refill = refill
         self.heartbeat = _Heartbeat(study, heartbeat_interval, stale_after)
         self.poll_seconds = min(1.0, heartbeat_interval)
         model = training.build_network(population=population, seed=list(range(population)),
@@ -584,7 +589,7 @@ class _Worker:
     def _fill(self):
         """Give every free slot a newly asked trial, while the study needs more."""
         free = [k for k, slot in enumerate(self.slots) if slot is None]
-        if not free:
+        if not free or (not self.refill and len(free) < len(self.slots)):
             return
         self.heartbeat.fail_stale_trials()
         for k in free:
