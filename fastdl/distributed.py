@@ -1,0 +1,177 @@
+"""Data-parallel training over MPI (SPEC.md, "Data-parallel training"): W processes train one
+model, each on its share of every global mini-batch, and end every step with the same bits.
+
+    from fastdl import distributed as dist
+    dist.init()                                     # MPI.COMM_WORLD (mpi4py, the mpi extra)
+    dist.broadcast_parameters(model.params())       # rank 0's initial parameters everywhere
+    for X, y in fd.data.minibatches(X_train, y_train, 256, seed=epoch,
+                                    rank=dist.rank(), world=dist.world_size()):
+        ...                                         # the rank's rows of each global batch
+        loss = loss_fn.forward(model.forward(X), y) # reduction="sum"
+        model.backward(loss_fn.backward(1 / dist.global_denominator(len(y))))
+        dist.allreduce(model.flat_grads)            # the full gradient, on every rank
+        opt.step(model.grads())
+    dist.print0(f"epoch {epoch}: ...")              # rank 0 alone prints
+
+The global mini-batch of B rows (the same permutation on every rank) is split in rank order:
+rank r takes rows floor(r * B / W) to floor((r + 1) * B / W) (:func:`rank_rows`; a rank may
+get none). Every rank divides its rows' summed loss by the global denominator (the rows not
+ignored across all ranks, or their total class weight), so each rank's gradients are its share
+of the global gradient and one SUM-allreduce of the flat gradient buffer gives the full one.
+Sums are reduced in a fixed order (to rank 0, then broadcast), so every rank gets the same
+bits whatever W.
+
+Batch norm synchronized across ranks is ``nn.BatchNorm(..., sync=True)``; dropout masks keyed
+by the global position of each element are ``nn.Dropout``'s ``batch=`` (the rows' offset in
+the global batch).
+"""
+
+import sys
+
+import numpy as np
+
+from . import _validate
+
+_COMM = None  # the communicator of init(), a Communicator
+
+
+class Communicator:
+    """An mpi4py communicator with the few collective operations data-parallel training needs;
+    every reduction gives the same bits on every rank."""
+
+    def __init__(self, comm):
+        from mpi4py import MPI
+
+        self.comm, self._mpi = comm, MPI
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+
+    def allreduce(self, array):
+        """``array`` (a C-contiguous float or int NumPy array) summed over the ranks, in place.
+
+        Two ranks add a + b (commutative: the same bits on both); more reduce to rank 0 in
+        MPI's fixed order and broadcast the result, so that no rank adds in another order."""
+        _check_buffer(array, "array")
+        if self.size == 1:
+            return array
+        if self.size == 2:
+            self.comm.Allreduce(self._mpi.IN_PLACE, array, op=self._mpi.SUM)
+            return array
+        if self.rank == 0:
+            self.comm.Reduce(self._mpi.IN_PLACE, array, op=self._mpi.SUM, root=0)
+        else:
+            self.comm.Reduce(array, None, op=self._mpi.SUM, root=0)
+        self.comm.Bcast(array, root=0)
+        return array
+
+    def broadcast(self, arrays, root=0):
+        """Copy rank ``root``'s ``arrays`` (C-contiguous NumPy arrays) into every rank's."""
+        for i, a in enumerate(arrays):
+            _check_buffer(a, f"arrays[{i}]")
+            if self.size > 1:
+                self.comm.Bcast(a, root=root)
+        return arrays
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def abort(self, code=1):
+        """End every rank of the job (MPI_Abort): a rank that cannot go on must not leave the
+        others waiting in a collective forever."""
+        self.comm.Abort(code)
+
+
+def _check_buffer(a, argument):
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{argument} must be a NumPy array (host memory: MPI sends it as it "
+                        f"is); got {_validate.describe(a)}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{argument} must be C-contiguous; use np.ascontiguousarray")
+
+
+def init(comm=None):
+    """Make ``comm`` (an mpi4py communicator; default ``MPI.COMM_WORLD``) the one this
+    module's functions use; returns its :class:`Communicator`. Needs mpi4py (``pip install
+    fastdl[mpi]``, which brings MPICH too); run under ``mpiexec -n W``."""
+    global _COMM
+    from mpi4py import MPI
+
+    _COMM = Communicator(MPI.COMM_WORLD if comm is None else comm)
+    return _COMM
+
+
+def communicator():
+    """The communicator of :func:`init` (ValueError before it)."""
+    if _COMM is None:
+        raise ValueError("fastdl.distributed.init() has not been called in this process")
+    return _COMM
+
+
+def rank():
+    """This process's rank (0 .. W - 1); 0 before :func:`init`."""
+    return 0 if _COMM is None else _COMM.rank
+
+
+def world_size():
+    """The number of processes W; 1 before :func:`init`."""
+    return 1 if _COMM is None else _COMM.size
+
+
+def rank_rows(n_rows, rank=None, world=None):
+    """``(first, end)``: the rows of a global batch of ``n_rows`` that ``rank`` of ``world``
+    takes, ``floor(rank * n / W)`` to ``floor((rank + 1) * n / W)`` (default: this process's
+    rank and world). Rows are split in rank order; when W does not divide n, ranks differ by
+    one row at most, and a rank may get none."""
+    n_rows = _validate.integer(n_rows, "n_rows", minimum=0)
+    world = world_size() if world is None else _validate.integer(world, "world", minimum=1)
+    rank = globals()["rank"]() if rank is None else _validate.integer(rank, "rank", minimum=0)
+    if rank >= world:
+        raise ValueError(f"rank must be in [0, {world}) for world={world}; got {rank}")
+    return rank * n_rows // world, (rank + 1) * n_rows // world
+
+
+def allreduce(array):
+    """Sum ``array`` over the ranks in place (the same bits on every rank): the gradient
+    allreduce of a step, over a model's flat gradient buffer (``Sequential.flat_grads``)."""
+    return communicator().allreduce(array) if world_size() > 1 else array
+
+
+def broadcast_parameters(params, root=0):
+    """Copy rank ``root``'s parameters into every rank's (once, before training: initial
+    parameters drawn from different seeds, or loaded by one rank)."""
+    params = list(params)
+    return communicator().broadcast(params, root) if world_size() > 1 else params
+
+
+def global_denominator(local, dtype=np.float64):
+    """The sum over the ranks of ``local`` (this rank's rows not ignored, or their total class
+    weight): what every rank divides its summed loss by, so that the gradients add up to the
+    global mean's. A Python float."""
+    total = np.array([_validate.number(local, "local")], dtype)
+    return float(allreduce(total)[0]) if world_size() > 1 else float(total[0])
+
+
+def print0(*args, **kwargs):
+    """``print`` on rank 0 only (flushed); the other ranks stay quiet."""
+    if rank() == 0:
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+def is_root():
+    """Whether this is rank 0 (which logs and writes checkpoints)."""
+    return rank() == 0
+
+
+def excepthook_aborts():
+    """Make an uncaught exception on any rank abort the whole job (MPI_Abort) after printing
+    its traceback with the rank, instead of leaving the other ranks waiting in a collective."""
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback):
+        print(f"fastdl: rank {rank()} of {world_size()} failed:", file=sys.stderr, flush=True)
+        previous(kind, value, traceback)
+        sys.stderr.flush()
+        if _COMM is not None and _COMM.size > 1:
+            _COMM.abort(1)
+
+    sys.excepthook = hook

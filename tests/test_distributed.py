@@ -1,0 +1,94 @@
+"""Data-parallel training over MPI (fastdl.distributed): the rows of each rank, the same bits
+on every rank, and real ``mpiexec -n 2`` runs.
+
+The MPI runs need mpi4py and an ``mpiexec`` (``pip install fastdl[mpi]``: mpi4py and MPICH);
+.ci/run installs them, and under CI=true a missing one fails instead of skipping.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastdl import data, distributed
+
+from helpers import require
+
+HERE = Path(__file__).resolve().parent
+
+
+def mpiexec(n, script, *args, timeout=300, extra=()):
+    """Run ``tests/mpi/<script>`` on ``n`` ranks; returns the CompletedProcess."""
+    require("mpi4py")
+    launcher = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) \
+        or shutil.which("mpiexec")
+    if launcher is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("CI=true: no mpiexec (.ci/run installs mpich)")
+        pytest.skip("no mpiexec: pip install mpich")
+    command = [launcher, *extra, "-n", str(n), sys.executable, str(HERE / "mpi" / script),
+               *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+# -- without MPI ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_rows, world", [(64, 2), (10, 3), (2, 3), (0, 2), (7, 1)])
+def test_rank_rows_split_a_batch_in_rank_order(n_rows, world):
+    parts = [distributed.rank_rows(n_rows, r, world) for r in range(world)]
+    assert parts[0][0] == 0 and parts[-1][1] == n_rows
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+    sizes = [hi - lo for lo, hi in parts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_minibatches_of_the_ranks_make_up_the_global_batches():
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((103, 3)), rng.integers(0, 5, 103)
+    whole = list(data.minibatches(X, y, 16, seed=4))
+    for world in (1, 2, 3):
+        ranks = [list(data.minibatches(X, y, 16, seed=4, rank=r, world=world))
+                 for r in range(world)]
+        for b, (X_b, y_b) in enumerate(whole):
+            np.testing.assert_array_equal(np.concatenate([ranks[r][b][0] for r in
+                                                          range(world)]), X_b)
+            np.testing.assert_array_equal(np.concatenate([ranks[r][b][1] for r in
+                                                          range(world)]), y_b)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: distributed.rank_rows(8, 2, 2), ValueError, "rank must be in \\[0, 2\\)"),
+    (lambda: distributed.rank_rows(-1, 0, 2), ValueError, "n_rows must be >= 0"),
+    (lambda: distributed.rank_rows(8, 0, 0), ValueError, "world must be >= 1"),
+    (lambda: list(data.minibatches(np.zeros((4, 2)), None, 2, rank=0)), ValueError,
+     "rank and world go together"),
+    (lambda: list(data.minibatches(np.zeros((4, 2)), None, 2, rank=1, world=1)), ValueError,
+     "rank must be in"),
+    (lambda: distributed.allreduce(np.zeros(3)), ValueError, "init\\(\\) has not been called"),
+])
+def test_bad_input(call, error, match, monkeypatch):
+    monkeypatch.setattr(distributed, "_COMM", None)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)  # as if under mpiexec
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_without_init_one_process_is_the_world():
+    assert distributed.rank() == 0 and distributed.world_size() == 1
+    grads = np.arange(4.0)
+    assert distributed.allreduce(grads) is grads and list(grads) == [0, 1, 2, 3]
+    assert distributed.global_denominator(5) == 5.0
+
+
+# -- under mpiexec ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_collectives_give_every_rank_the_same_bits(world):
+    result = mpiexec(world, "collectives.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines == [f"ok {world}"]  # rank 0 alone prints
