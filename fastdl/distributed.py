@@ -26,7 +26,11 @@ by the global position of each element are ``nn.Dropout``'s ``batch=`` (the rows
 the global batch).
 """
 
+import os
+import socket
 import sys
+import threading
+import time
 
 import numpy as np
 
@@ -44,6 +48,20 @@ class Communicator:
 
         self.comm, self._mpi = comm, MPI
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        # (host, pid) of every rank: to say which rank a message is about
+        self.processes = comm.allgather((socket.gethostname(), os.getpid()))
+
+    def describe(self):
+        """"rank 0: host pid 123, rank 1: ...": what MPI's messages (host, PID) map to."""
+        return ", ".join(f"rank {r}: {host} pid {pid}"
+                         for r, (host, pid) in enumerate(self.processes))
+
+    def gone(self):
+        """The ranks on this host whose process has ended (a rank on another host cannot be
+        checked from here)."""
+        here = socket.gethostname()
+        return [r for r, (host, pid) in enumerate(self.processes)
+                if host == here and r != self.rank and not _running(pid)]
 
     def allreduce(self, array):
         """``array`` (a C-contiguous float or int NumPy array) summed over the ranks, in place.
@@ -78,6 +96,21 @@ class Communicator:
         """End every rank of the job (MPI_Abort): a rank that cannot go on must not leave the
         others waiting in a collective forever."""
         self.comm.Abort(code)
+
+
+def _running(pid):
+    """Whether process ``pid`` of this host runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
 
 
 def _check_buffer(a, argument):
@@ -160,6 +193,52 @@ def print0(*args, **kwargs):
 def is_root():
     """Whether this is rank 0 (which logs and writes checkpoints)."""
     return rank() == 0
+
+
+class Watchdog:
+    """Ends the job when this rank makes no progress for ``timeout`` seconds (a rank died or
+    hangs, and the others wait for it in a collective forever): prints which ranks are gone
+    (those on this host whose process ended) or, failing that, that the others did not answer,
+    then MPI_Abort. Call :meth:`progress` at every step; use as a context manager.
+
+    MPICH's ``mpiexec`` ends the whole job at once when a rank's process dies (its message
+    names the host and PID: :meth:`Communicator.describe` maps them to ranks); the watchdog
+    covers a rank that hangs, and launchers that keep the others running
+    (``mpiexec -disable-auto-cleanup``)."""
+
+    def __init__(self, timeout, where="training"):
+        self.timeout, self.where = _validate.number(timeout, "timeout", _validate.positive), where
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = None
+
+    def progress(self):
+        self._last = time.monotonic()
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="fastdl-watchdog")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self):
+        while not self._stop.wait(min(1.0, self.timeout / 4)):
+            silent = time.monotonic() - self._last
+            if silent < self.timeout:
+                continue
+            comm = communicator()
+            gone = comm.gone()
+            who = ", ".join(f"rank {r} ({comm.processes[r][0]} pid {comm.processes[r][1]})"
+                            for r in gone)
+            who = (f"{who} {'is' if len(gone) == 1 else 'are'} gone" if gone
+                   else "the other ranks did not answer (one died on another host, or hangs)")
+            print(f"fastdl: rank {comm.rank} of {comm.size} made no progress in {self.where} "
+                  f"for {silent:.0f} s: {who}; ending the job", file=sys.stderr, flush=True)
+            comm.abort(1)
+            return
 
 
 def excepthook_aborts():
