@@ -303,7 +303,9 @@ class BatchNorm(Layer):
     momentum).
     ``storage`` / ``grad_storage``: two arrays each (gamma, beta) on the layer's device to hold
     the parameters and their gradients, e.g. views of a container's flat buffer; they are
-    filled here.
+    filled here. ``sync=True``: synchronized batch norm in data-parallel training, the
+    training statistics those of the global batch over the ranks of ``comm`` (default:
+    ``fastdl.distributed``'s, once initialized; alone, the plain batch norm).
     ``device`` defaults to the selected one.
     """
 
@@ -311,8 +313,11 @@ class BatchNorm(Layer):
     grad_names = ("dgamma", "dbeta")
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5, channel_axis=1, dtype=np.float32,
-                 population=None, storage=None, grad_storage=None, device=None):
+                 population=None, storage=None, grad_storage=None, device=None, sync=False,
+                 comm=None):
         num_features = _validate.integer(num_features, "num_features", minimum=1)
+        self.sync = _validate.flag(sync, "sync")
+        self.comm = comm  # None: fastdl.distributed's, when sync
         self.dtype = _validate.float_dtype(dtype, "dtype")
         self.population = population = _validate.model_count(population)
         self.device = _validate.layer_device(device)
@@ -383,8 +388,17 @@ class BatchNorm(Layer):
             x, self.gamma, self.beta, self.running_mean, self.running_var,
             training=self.training, momentum=self.momentum, eps=self.eps,
             channel_axis=self.channel_axis, population=self.population is not None,
-            out=self._out_like("y", x))
+            out=self._out_like("y", x), comm=self._comm() if self.training else None)
         return y
+
+    def _comm(self):
+        if not self.sync:
+            return None
+        if self.comm is not None:
+            return self.comm
+        from . import distributed
+
+        return distributed.communicator() if distributed.world_size() > 1 else None
 
     def backward(self, dout):
         """Write dgamma and dbeta; return the gradient for the input."""

@@ -32,7 +32,9 @@ def mpiexec(n, script, *args, timeout=300, extra=()):
         pytest.skip("no mpiexec: pip install mpich")
     command = [launcher, *extra, "-n", str(n), sys.executable, str(HERE / "mpi" / script),
                *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": path})  # `import reference`
 
 
 # -- without MPI ----------------------------------------------------------------------------------
@@ -92,3 +94,13 @@ def test_collectives_give_every_rank_the_same_bits(world):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert lines == [f"ok {world}"]  # rank 0 alone prints
+
+
+@pytest.mark.parametrize("world, n_rows", [(2, 64), (2, 7), (3, 2)])
+def test_synchronized_batch_norm_under_mpiexec(world, n_rows):
+    """batch_norm_forward / backward(comm=) and nn.BatchNorm(sync=True) on each rank's rows
+    equal one process's on the whole batch; running statistics the same bits on every rank
+    (an uneven split, and a rank with no rows, included)."""
+    result = mpiexec(world, "sync_batchnorm.py", n_rows)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines() == ["ok"]
