@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def mpiexec(n, script, *args, timeout=300, extra=()):
-    """Run ``tests/mpi/<script>`` on ``n`` ranks; returns the CompletedProcess."""
+    """Run ``tests/ranks/<script>`` on ``n`` ranks; returns the CompletedProcess."""
     require("mpi4py")
     launcher = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) \
         or shutil.which("mpiexec")
@@ -30,7 +30,7 @@ def mpiexec(n, script, *args, timeout=300, extra=()):
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("CI=true: no mpiexec (.ci/run installs mpich)")
         pytest.skip("no mpiexec: pip install mpich")
-    command = [launcher, *extra, "-n", str(n), sys.executable, str(HERE / "mpi" / script),
+    command = [launcher, *extra, "-n", str(n), sys.executable, str(HERE / "ranks" / script),
                *map(str, args)]
     path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
@@ -104,3 +104,41 @@ def test_synchronized_batch_norm_under_mpiexec(world, n_rows):
     result = mpiexec(world, "sync_batchnorm.py", n_rows)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines() == ["ok"]
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torch_sync_batchnorm_under_ddp_trains_like_one_process(tmp_path):
+    """fastdl.torch.SyncBatchNorm in a DistributedDataParallel model on 2 gloo processes
+    (loopback, CPU, which PyTorch's own SyncBatchNorm refuses) ends where one process with
+    torch.nn.BatchNorm1d ends on the whole batches."""
+    torch = require("torch")
+    sys.path.insert(0, str(HERE / "ranks"))
+    try:
+        from torch_model import STEPS, batches, model
+    finally:
+        sys.path.pop(0)
+    port, out = _free_port(), tmp_path / "ranks.npz"
+    path = os.pathsep.join(filter(None, [str(HERE / "ranks"), os.environ.get("PYTHONPATH")]))
+    ranks = [subprocess.Popen([sys.executable, str(HERE / "ranks" / "torch_sync_batchnorm.py"),
+                               str(r), "2", str(port), str(out)],
+                              env={**os.environ, "PYTHONPATH": path},
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in ranks:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    net = model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for X, y in batches()[:STEPS]:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(X), y).backward()
+        opt.step()
+    got = np.load(out)
+    for key, value in net.state_dict().items():
+        np.testing.assert_allclose(got[key], value.numpy(), rtol=1e-4, atol=1e-5, err_msg=key)
