@@ -10,6 +10,7 @@ the full sizes.
 """
 
 import dataclasses
+import functools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -343,7 +344,28 @@ def make_epoch_step(case, implementation, seed=0):
 
 # -- many models at once ------------------------------------------------------------------------
 
-POPULATION_IMPLEMENTATIONS = ("fastdl-population", "fastdl-sequential", "torch-sequential")
+POPULATION_IMPLEMENTATIONS = ("fastdl-population", "fastdl-sequential", "torch-sequential",
+                              "torch-vmap-per-model-adam", "torch-vmap-fused-adam",
+                              "torch-bmm-per-model-adam", "torch-bmm-fused-adam")
+
+# The PyTorch ensembles: K models in one, trained as train_population trains a population
+# (same initial weights, same batches, per-model dropout rates, batch norm in training mode,
+# float32, the learning rate decayed per epoch, dev loss and accuracy in eval mode after each
+# epoch). "vmap": torch.func.stack_module_state + functional_call + vmap over K copies of one
+# module; "bmm": one hand-batched model, activations (K, features, N) so that every product is
+# one bmm and each batch norm one F.batch_norm over (1, K * C, N). "per-model-adam": each
+# model its own lr, betas and weight decay, as fastdl's population Adam (PER_MODEL_ADAM says
+# how); "fused-adam": one torch.optim.Adam(fused=True) for all, with the population's median
+# hyperparameters (no per-model learning rate).
+TORCH_ENSEMBLES = ("vmap", "bmm")
+
+# How "per-model-adam" runs (all with per-model lr, betas, weight decay; measured in one run,
+# K = 16 and 64, the fastest is the default):
+# "groups-fused": torch.optim.Adam(fused=True) with one param group per model and kind (weights
+#     with L2, the rest without), its params views of the stacked tensors (one fused kernel per
+#     group); "groups-foreach": the same with foreach=True; "batched": a hand-written Adam on the
+#     stacked tensors, the hyperparameters as (K, 1, ...) tensors (about 12 torch ops a tensor).
+PER_MODEL_ADAM = ("groups-fused", "groups-foreach", "batched")
 
 
 def population_search_space(n_models, seed=0):
@@ -351,9 +373,12 @@ def population_search_space(n_models, seed=0):
     return tune.sample_space(tune.default_space("adam"), n_models, seed=seed)
 
 
-def make_population_run(implementation, n_models=16, epochs=10, seed=0, n_examples=None):
+def make_population_run(implementation, n_models=16, epochs=10, seed=0, n_examples=None,
+                        per_model_adam="groups-fused"):
     """A zero-argument callable training ``n_models`` demo networks (batch 64) with random
-    hyperparameters for ``epochs`` on the digits: as one population, or one after another.
+    hyperparameters for ``epochs`` on the digits, returning a :class:`fastdl.training.History`
+    of (K,) arrays (the sequential implementations return None): as one fastdl population, one
+    after another (fastdl or PyTorch), or as a PyTorch ensemble (see TORCH_ENSEMBLES).
     ``n_examples`` (the smoke run) keeps only that many of the training examples."""
     (X_all, y_all), dev, test = data.load_digits(seed)
     splits = ((X_all[:n_examples], y_all[:n_examples]), dev, test)
@@ -400,8 +425,301 @@ def make_population_run(implementation, n_models=16, epochs=10, seed=0, n_exampl
                         opt.step()
 
         return run
+    for kind in TORCH_ENSEMBLES:
+        for adam in ("per-model-adam", "fused-adam"):
+            if implementation == f"torch-{kind}-{adam}":
+                def run(kind=kind, adam=adam):
+                    ensemble = TorchEnsemble(kind, dropout, seeds)
+                    return ensemble.train(splits, hyper, epochs, seed, per_model_adam
+                                          if adam == "per-model-adam" else None)
+
+                return run
     raise ValueError(f"implementation must be one of {POPULATION_IMPLEMENTATIONS}; got "
                      f"{implementation!r}")
+
+
+def population_weights(dropout, seeds):
+    """The initial parameters of fastdl's population of the demo network, as float32 arrays
+    (K, ...): W0 (K, 256, 64), gamma0, beta0 (K, 256), W1 (K, 128, 256), gamma1, beta1 (K, 128),
+    W2 (K, 10, 128), b2 (K, 10); the PyTorch ensembles start from them."""
+    model = training.build_network(population=len(seeds), dropout=dropout, seed=seeds,
+                                   device="cpu")
+    first, bn0, second, bn1, last = (model.layers[i] for i in (0, 1, 4, 5, 8))
+    return {name: np.array(a, np.float32) for name, a in [
+        ("W0", first.W), ("gamma0", bn0.gamma), ("beta0", bn0.beta), ("W1", second.W),
+        ("gamma1", bn1.gamma), ("beta1", bn1.beta), ("W2", last.W), ("b2", last.b)]}
+
+
+class TorchEnsemble:
+    """K demo networks (64-256-128-10: Linear without bias - BatchNorm1d - ReLU - Dropout
+    blocks, a Linear output) in PyTorch as one ensemble, ``kind`` "vmap" or "bmm" (see
+    TORCH_ENSEMBLES), starting from fastdl's initial weights (:func:`population_weights`).
+
+    ``losses(x, y)`` gives the K models' mean cross-entropy on one shared batch (a (K,)
+    tensor; the sum's backward gives each model the gradient of its own loss);
+    ``train(...)`` trains as :func:`fastdl.training.train_population` does."""
+
+    def __init__(self, kind, dropout, seeds):
+        import torch
+
+        self.kind, self.n_models = kind, len(seeds)
+        weights = population_weights(dropout, seeds)
+        rates = torch.tensor(np.asarray(dropout), dtype=torch.float32)
+        self.rates = rates  # (K,)
+        self.scales = torch.where(rates < 1, 1 / (1 - rates), torch.zeros_like(rates))
+        self.training = True
+        if kind == "bmm":
+            self.params = {name: torch.nn.Parameter(torch.from_numpy(a))
+                           for name, a in weights.items()}
+            self.buffers = {f"{stat}{i}": torch.full((self.n_models, width), fill)
+                            for i, width in enumerate(training.HIDDEN)
+                            for stat, fill in (("mean", 0.0), ("var", 1.0))}
+        elif kind == "vmap":
+            from torch.func import stack_module_state
+
+            models = [_torch_demo_network({name: a[k] for name, a in weights.items()})
+                      for k in range(self.n_models)]
+            params, self.buffers = stack_module_state(models)
+            self.params = {name: torch.nn.Parameter(p.detach()) for name, p in params.items()}
+            self.base = _torch_demo_network(None).to("meta")
+        else:
+            raise ValueError(f"kind must be one of {TORCH_ENSEMBLES}; got {kind!r}")
+        # the params L2 applies to (the Linear weights), as fastdl's param_groups
+        self.decayed = [p for p in self.params.values() if p.ndim == 3]
+        self.others = [p for p in self.params.values() if p.ndim != 3]
+
+    def logits(self, x):
+        """(K, N, 10) logits of x (N, 64) ("vmap"), or (K, 10, N) ("bmm")."""
+        import torch
+
+        if self.kind == "vmap":
+            from torch.func import functional_call, vmap
+
+            def one(params, buffers, rate, scale):
+                return functional_call(self.base, (params, buffers), (x, rate, scale,
+                                                                      self.training))
+
+            return vmap(one, randomness="different")(self.params, self.buffers, self.rates,
+                                                     self.scales)
+        F = torch.nn.functional
+        P, B, K = self.params, self.buffers, self.n_models
+        h = x.T
+        for i in range(len(training.HIDDEN)):
+            z = torch.matmul(P[f"W{i}"], h)  # (K, C, N): x broadcast to the K models at i = 0
+            C, N = z.shape[1], z.shape[2]
+            # per (model, channel) statistics over the N examples: channels of (1, K * C, N)
+            h = F.batch_norm(z.reshape(1, K * C, N), B[f"mean{i}"].view(-1),
+                             B[f"var{i}"].view(-1), P[f"gamma{i}"].view(-1),
+                             P[f"beta{i}"].view(-1), self.training, 0.1, 1e-5).view(K, C, N)
+            h = F.relu(h)
+            if self.training:
+                h = h * _torch_dropout_mask(h, self.rates[:, None, None],
+                                            self.scales[:, None, None])
+        return torch.baddbmm(P["b2"].unsqueeze(-1), P["W2"], h)
+
+    def losses(self, x, y):
+        """The K models' mean cross-entropy on (x, y): a (K,) tensor."""
+        import torch
+
+        logits = self.logits(x)
+        target = y.expand(self.n_models, len(y))
+        if self.kind == "vmap":
+            logits = logits.transpose(1, 2)  # (K, 10, N): classes at axis 1, a view
+        return torch.nn.functional.cross_entropy(logits, target, reduction="none").mean(1)
+
+    def evaluate(self, X, y):
+        """(loss, accuracy), (K,) float64 arrays, in eval mode on X (m, 64), y (m,)."""
+        import torch
+
+        self.training = False
+        try:
+            with torch.no_grad():
+                x, target = torch.from_numpy(X), torch.from_numpy(y)
+                losses = self.losses(x, target)
+                logits = self.logits(x)
+        finally:
+            self.training = True
+        classes = 2 if self.kind == "vmap" else 1
+        correct = logits.argmax(classes).numpy() == y
+        return losses.numpy().astype(np.float64), correct.mean(axis=-1)
+
+    def optimizer(self, hyper, per_model_adam):
+        """Adam over the ensemble: ``per_model_adam`` one of PER_MODEL_ADAM, or None for one
+        fused Adam with the median hyperparameters. Returns (step, set_lr): ``set_lr(lr)``
+        takes the (K,) learning rates of an epoch."""
+        import torch
+
+        if per_model_adam is None:
+            median = {k: float(np.median(v)) for k, v in hyper.items()}
+            opt = torch.optim.Adam([{"params": self.decayed,
+                                     "weight_decay": median["weight_decay"]},
+                                    {"params": self.others, "weight_decay": 0.0}],
+                                   lr=median["lr"], betas=(median["beta1"], median["beta2"]),
+                                   fused=True)
+
+            def set_lr(lr):
+                for group in opt.param_groups:
+                    group["lr"] = float(np.median(lr))
+
+            return opt.step, set_lr
+        if per_model_adam == "batched":
+            return _BatchedTorchAdam(self.decayed, self.others, hyper).step_and_set_lr()
+        if per_model_adam not in PER_MODEL_ADAM:
+            raise ValueError(f"per_model_adam must be one of {PER_MODEL_ADAM}; got "
+                             f"{per_model_adam!r}")
+        # model k's params are views of the stacked tensors, their grads views of the stacked
+        # grads (which backward accumulates into in place: zero_grad(set_to_none=False))
+        for p in self.params.values():
+            p.grad = torch.zeros_like(p)
+        groups = []
+        for k in range(self.n_models):
+            for params, decay in ((self.decayed, hyper["weight_decay"][k]), (self.others, 0.0)):
+                views = []
+                for p in params:
+                    view = p.detach()[k]
+                    view.grad = p.grad[k]
+                    views.append(view)
+                groups.append({"params": views, "lr": float(hyper["lr"][k]),
+                               "betas": (float(hyper["beta1"][k]), float(hyper["beta2"][k])),
+                               "weight_decay": float(decay)})
+        fused = per_model_adam == "groups-fused"
+        opt = torch.optim.Adam(groups, fused=fused, foreach=not fused)
+
+        def set_lr(lr):
+            for g, group in enumerate(opt.param_groups):
+                group["lr"] = float(lr[g // 2])
+
+        return opt.step, set_lr
+
+    def train(self, splits, hyper, epochs, seed, per_model_adam):
+        """Train as :func:`fastdl.training.train_population` (no non-finite skipping: PyTorch's
+        Adam has none); returns a History of (K,) arrays."""
+        import torch
+
+        (X_train, y_train), (X_dev, y_dev), _ = splits
+        step, set_lr = self.optimizer(hyper, per_model_adam)
+        params = list(self.params.values())
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        history = training.History()
+        for epoch in range(epochs):
+            lr = hyper["lr"] / (1 + training.LR_DECAY_RATE * epoch)
+            set_lr(lr)
+            total, seen = np.zeros(self.n_models), 0
+            for xb, yb in data.minibatches(X_train, y_train, 64, seed=seed * 1000 + epoch):
+                for g in grads:
+                    g.zero_()
+                losses = self.losses(torch.from_numpy(xb), torch.from_numpy(yb))
+                losses.sum().backward()
+                step()
+                total += losses.detach().numpy() * len(yb)
+                seen += len(yb)
+            # backward accumulated into the same grad tensors (the per-model views rely on it)
+            assert all(p.grad is g for p, g in zip(params, grads))
+            dev_loss, dev_accuracy = self.evaluate(X_dev, y_dev)
+            history.record(total / seen, dev_loss, dev_accuracy, lr, 0.0)
+        return history
+
+
+def _torch_dropout_mask(h, rates, scales):
+    """Inverted dropout's scaled mask for ``h`` with per-model ``rates``: (u >= p) / (1 - p)."""
+    import torch
+
+    return (torch.rand_like(h) >= rates) * scales
+
+
+@functools.cache
+def _torch_demo_network_class():
+    """The torch module of one demo network whose forward takes ``(x, rate, scale,
+    training)``: a per-model dropout rate, which vmap passes in (one class, defined once:
+    stack_module_state takes models of one class)."""
+    import torch
+
+    class DemoNetwork(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            widths = (64, *training.HIDDEN)
+            self.linears = torch.nn.ModuleList(torch.nn.Linear(a, b, bias=False)
+                                               for a, b in zip(widths[:-1], widths[1:]))
+            self.norms = torch.nn.ModuleList(torch.nn.BatchNorm1d(b) for b in widths[1:])
+            self.out = torch.nn.Linear(widths[-1], 10)
+
+        def forward(self, x, rate, scale, training):
+            F = torch.nn.functional
+            for linear, norm in zip(self.linears, self.norms):
+                h = F.batch_norm(linear(x), norm.running_mean, norm.running_var, norm.weight,
+                                 norm.bias, training, 0.1, 1e-5)
+                x = F.relu(h)
+                if training:
+                    x = x * _torch_dropout_mask(x, rate, scale)
+            return self.out(x)
+
+    return DemoNetwork
+
+
+def _torch_demo_network(weights):
+    """One demo network (:func:`_torch_demo_network_class`) with ``weights`` (W0, gamma0, ...
+    of one model), or with torch's initialization for None."""
+    import torch
+
+    model = _torch_demo_network_class()()
+    if weights is not None:
+        with torch.no_grad():
+            for i, (linear, norm) in enumerate(zip(model.linears, model.norms)):
+                linear.weight.copy_(torch.from_numpy(weights[f"W{i}"]))
+                norm.weight.copy_(torch.from_numpy(weights[f"gamma{i}"]))
+                norm.bias.copy_(torch.from_numpy(weights[f"beta{i}"]))
+            model.out.weight.copy_(torch.from_numpy(weights["W2"]))
+            model.out.bias.copy_(torch.from_numpy(weights["b2"]))
+    return model
+
+
+class _BatchedTorchAdam:
+    """A hand-written Adam over stacked (K, ...) tensors with per-model hyperparameters as
+    (K, 1, ...) tensors, in PyTorch's order (L2 added to g on the decayed params)::
+
+        g += wd * p ;  m = lerp(m, g, 1 - b1) ;  v = b2 * v + (1 - b2) * g * g
+        p -= (lr / (1 - b1**t)) * m / (sqrt(v) / sqrt(1 - b2**t) + eps)
+    """
+
+    def __init__(self, decayed, others, hyper):
+        import torch
+
+        self.params = [(p, True) for p in decayed] + [(p, False) for p in others]
+        self.state = [(torch.zeros_like(p), torch.zeros_like(p)) for p, _ in self.params]
+        self.hyper = {k: torch.tensor(v, dtype=torch.float32) for k, v in hyper.items()}
+        self.lr = self.hyper["lr"].clone()
+        self.t = 0
+
+    def step_and_set_lr(self):
+        """(step, set_lr), as :meth:`TorchEnsemble.optimizer` returns them."""
+        import torch
+
+        def set_lr(lr):
+            self.lr = torch.tensor(lr, dtype=torch.float32)
+
+        return self.step, set_lr
+
+    def step(self):
+        import torch
+
+        self.t += 1
+        H = self.hyper
+        b1, b2 = H["beta1"], H["beta2"]
+        step_size = self.lr / (1 - b1 ** self.t)
+        root_bc2 = torch.sqrt(1 - b2 ** self.t)
+        with torch.no_grad():
+            for (p, decayed), (m, v) in zip(self.params, self.state):
+                shape = (-1,) + (1,) * (p.ndim - 1)
+                g = p.grad
+                if decayed:
+                    g = torch.addcmul(g, H["weight_decay"].view(shape), p)
+                m.lerp_(g, (1 - b1).view(shape))
+                v.mul_(b2.view(shape)).addcmul_(g, g * (1 - b2).view(shape))
+                denom = (v.sqrt() / root_bc2.view(shape)).add_(1e-8)
+                p.sub_(m / denom * step_size.view(shape))
 
 
 # --- fastdl.torch against torch, through autograd and optimizer.step() ----------------------

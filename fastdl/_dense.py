@@ -20,18 +20,43 @@ def _t(a, transpose):
     return a.swapaxes(-1, -2) if transpose else a
 
 
+# Products of at most this many multiply-adds per model run on fastdl's kernels, larger ones on
+# BLAS (NumPy). Both paths sum differently, so the rule depends only on the per-model shape:
+# model k of a population and the same model alone take the same path, and train to the same
+# bits. 2**24 covers the demo network (2.1M per product in training, 11.8M on the dev split);
+# a 784-1024 layer at batch 256 (205M) goes to BLAS, 2x faster there than kernels/dense.py.
+OWN_PRODUCT_MAX_MACS = 1 << 24
+
+
+def blas_product(macs):
+    """Whether a CPU product of ``macs`` multiply-adds per model runs on BLAS (NumPy)."""
+    return macs > OWN_PRODUCT_MAX_MACS
+
+
 class _DenseCpu(HostOps):
-    """NumPy on host arrays."""
+    """NumPy on host arrays; small products on fastdl's kernels (kernels/dense.py)."""
 
     def __init__(self):
-        from fastdl.kernels import config
+        from fastdl.kernels import config, dense
 
+        self._dense = dense
         # BLAS's threads spin after a product: fastdl's parallel kernels wait for a while
         self._note_blas_product = config.note_blas_product
 
     def matmul(self, a, b, out, transpose_a=False, transpose_b=False):
         """out = op(a) @ op(b), op = transpose of the last two axes where asked. 2-D, or 3-D for
-        a population (K, ., .) in one batched call; a 2-D operand is shared by the K models."""
+        a population (K, ., .); a 2-D operand is shared by the K models.
+
+        Up to OWN_PRODUCT_MAX_MACS per model: kernels/dense.py, the K models (or one model's
+        rows) split across numba's threads; a population's products ran 1.2-1.9x faster so
+        than through NumPy's loop of one 2-thread BLAS call per model, whose spinning threads
+        also slowed the fastdl kernels after them (the module says more). Larger: NumPy."""
+        depth = a.shape[-2] if transpose_a else a.shape[-1]
+        if not blas_product(out.shape[-2] * out.shape[-1] * depth):
+            if out.ndim == 2:
+                self._dense.matmul(a, b, out[None], transpose_a, transpose_b)
+                return out
+            return self._dense.matmul(a, b, out, transpose_a, transpose_b)
         np.matmul(_t(a, transpose_a), _t(b, transpose_b), out=out)
         self._note_blas_product()
         return out

@@ -52,6 +52,17 @@ def split(rows, chunk):
     return np.array(table, np.int64).reshape(-1, 6)
 
 
+def by_model(table):
+    """The chunk table's rows ordered by model (stable: each model's chunks keep their order).
+
+    The CPU kernels' ``prange`` gives each thread a contiguous range of chunks: in tensor order
+    a population's first tensors (its large weights, K chunks each) went to one thread and the
+    small ones to the other (the population's Adam ran no faster on 2 threads than on 1); by
+    model each range holds whole models, all of one size. Each model's chunks stay in tensor
+    order, so its per-model sums (the gradient norm) add up as a lone model's."""
+    return table[np.argsort(table[:, 1], kind="stable")]
+
+
 def _consecutive(addresses, sizes, itemsize):
     return bool(np.all(addresses[1:] == addresses[:-1] + sizes[:-1] * itemsize))
 
@@ -129,14 +140,14 @@ class OptimCpu(_Optim, HostOps):
         chunk = min(config.MAX_CHUNK_SIZE,
                     max(config.MIN_CHUNK_SIZE, -(-self.total // (4 * config.threads()))))
         self.chunk = chunk
-        self.separate_plan = split(self.rows, chunk)
+        self.separate_plan = by_model(split(self.rows, chunk))
         self._subset_tables = {}
         self.param_addresses = np.array([p.__array_interface__["data"][0] for p in params],
                                         np.int64)
         self._set_param_ranges()
         self.flat_plan = None
         if _consecutive(self.param_addresses, self.sizes, self.dtype.itemsize):
-            self.flat_plan = split(merged(self.rows, self.sizes), chunk)
+            self.flat_plan = by_model(split(merged(self.rows, self.sizes), chunk))
         self.placeholder = np.zeros(0, self.dtype)
         self._row_flags = None
         self._runs = {}  # (chunk table id, parallel) -> [(update kernel, its chunks)]
@@ -194,15 +205,17 @@ class OptimCpu(_Optim, HostOps):
             key, rows = self._subset(present)
             table = self._subset_tables.get(key)
             if table is None:
-                table = self._subset_tables[key] = split(rows, self.chunk)
+                table = self._subset_tables[key] = by_model(split(rows, self.chunk))
             return self.param_addresses, addresses, table
         if self.flat_plan is not None and _consecutive(addresses, self.sizes, self.dtype.itemsize):
             return self.param_addresses[:1], addresses[:1].copy(), self.flat_plan
         return self.param_addresses, addresses, self.separate_plan
 
     def grad_stats(self, plan, model, like, sumsq, nonfinite):
+        # the norm only when some model clips (max_norm 0: none); skipping needs only the test
+        norm = bool(np.any(model[:, self._kernels.MODEL.max_norm] > 0))
         self._kernels.grad_stats(plan[1], plan[2], model, like, self._parallel_now(), sumsq,
-                                 nonfinite)
+                                 nonfinite, norm)
 
     def update(self, plan, coef, active, state, ema):
         parallel = self.parallel and self._config.use_parallel(self.total)  # _parallel_now()

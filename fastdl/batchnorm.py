@@ -82,6 +82,14 @@ class _BatchNormCpu(HostOps):
         self.kernels.input_grad(self.plan, self._as_view(dy), self._as_view(x), a, b, mean, c0,
                                 self._as_view(dx))
 
+    def affine_relu_dropout(self, x, mean, scale, shift, draw, y):
+        """y = dropout(relu((x - mean) * scale + shift)), ``draw`` a fastdl.dropout.MaskDraw
+        (rows plans only: kernels/block.py)."""
+        from fastdl.kernels import block
+
+        block.affine_relu_dropout(self.plan, self._as_view(x), mean, scale, shift, *draw,
+                                  self._as_view(y))
+
     # coefficients(values, dtype): per-channel host values (K, C) as the kernels take them,
     # (K, C) arrays of dtype (no copy when they already are)
     coefficients = staticmethod(HostOps.from_host)
@@ -152,6 +160,15 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True,
     ``allreduce(float64 array)`` giving every rank the same bits); the training statistics are
     the global batch's. A rank may hold no rows; with one rank it is the plain batch norm, bit
     for bit. Every rank calls it (a collective)."""
+    return _forward(x, gamma, beta, running_mean, running_var, training, momentum, eps,
+                    channel_axis, population, out, comm=comm)
+
+
+def _forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, channel_axis,
+             population, out, relu_dropout=None, comm=None):
+    """:func:`batch_norm_forward`; with ``relu_dropout`` (a ``fastdl.dropout.MaskDraw``, CPU
+    and the rows layout only: fastdl._block checks) y is ``dropout(relu(batch norm))`` in one
+    pass (kernels/block.py), the block's output."""
     population = _validate.population_flag(population)
     device = _validate.float_array(x, "x", population, ranks=(2, 5))
     rank = len(x.shape) - int(population)
@@ -182,7 +199,8 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True,
                         reason="x: backward reads x from the cache")
     if sync and channels > 0:  # (no channels on any rank: nothing to reduce)
         return _synchronized_forward(x, gamma, beta, running_mean, running_var, momentum, eps,
-                                     axis, population, view, per_channel, device, out, comm)
+                                     axis, population, view, per_channel, device, out, comm,
+                                     relu_dropout)
     if 0 in view:  # an empty batch or no channels: PyTorch's empty y, statistics untouched
         return _empty_forward(x, gamma, training, axis, population, m, device, per_channel,
                               out)
@@ -199,7 +217,7 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True,
         mean = ops.to_host(running_mean).reshape(n_models, channels).astype(np.float64)
         var = ops.to_host(running_var).reshape(n_models, channels).astype(np.float64)
     return _normalize(ops, x, mean, var, gamma, beta, eps, training, axis, population, m,
-                      per_channel, out)
+                      per_channel, out, relu_dropout)
 
 
 def _update_running(ops, running_mean, running_var, mean, var, m, momentum):
@@ -211,9 +229,9 @@ def _update_running(ops, running_mean, running_var, mean, var, m, momentum):
 
 
 def _normalize(ops, x, mean, var, gamma, beta, eps, training, axis, population, m, per_channel,
-               out, comm=None):
-    """y = gamma * (x - mean) / sqrt(var + eps) + beta with float64 (K, C) statistics; returns
-    (y, cache)."""
+               out, relu_dropout=None, comm=None):
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta with float64 (K, C) statistics (then
+    relu and dropout with ``relu_dropout``); returns (y, cache)."""
     n_models, channels = mean.shape
     inv_std = 1.0 / np.sqrt(var + eps)
     gamma64 = _per_channel_host(ops, gamma, n_models, channels, 1.0)
@@ -222,15 +240,19 @@ def _normalize(ops, x, mean, var, gamma, beta, eps, training, axis, population, 
     # y = (x - mean_near) * scale + (beta - (mean - mean_near) * scale)
     mean_near, mean_error = _split_mean(mean, x.dtype)
     y = ops.empty_like(x) if out is None else out
-    ops.affine(x, ops.coefficients(mean_near, x.dtype), ops.coefficients(scale, x.dtype),
-               ops.coefficients(beta64 - mean_error * scale, x.dtype), y)
+    coefficients = (ops.coefficients(mean_near, x.dtype), ops.coefficients(scale, x.dtype),
+                    ops.coefficients(beta64 - mean_error * scale, x.dtype))
+    if relu_dropout is None:
+        ops.affine(x, *coefficients, y)
+    else:
+        ops.affine_relu_dropout(x, *coefficients, relu_dropout, y)
     cache = BatchNormCache(x, mean.reshape(per_channel), inv_std.reshape(per_channel), gamma,
                            training, axis, population, m, ops, comm)
     return y, cache
 
 
 def _synchronized_forward(x, gamma, beta, running_mean, running_var, momentum, eps, axis,
-                          population, view, per_channel, device, out, comm):
+                          population, view, per_channel, device, out, comm, relu_dropout):
     """Training batch norm over every rank's rows: float64 sums shifted by the running mean,
     one allreduce of (n, sum(x - c), sum((x - c)**2)) per (model, channel)."""
     n_models, outer, channels, inner = view
@@ -267,7 +289,7 @@ def _synchronized_forward(x, gamma, beta, running_mean, running_var, momentum, e
         return y, BatchNormCache(x, mean.reshape(per_channel), inv_std.reshape(per_channel),
                                  gamma, True, axis, population, m, _EmptyOps(device, view), comm)
     return _normalize(ops, x, mean, var, gamma, beta, eps, True, axis, population, m,
-                      per_channel, out, comm)
+                      per_channel, out, relu_dropout, comm)
 
 
 class _EmptyOps:

@@ -10,6 +10,7 @@ blocks: ``kernels/dropout.py`` says how.
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -101,21 +102,41 @@ def dropout_forward(x, p, seed, population=False, out=None, mask_out=None):
     shape, on x's device. ``out`` / ``mask_out``: where to write y / the mask (training loops
     reuse buffers).
     """
+    device, n_models, draw = mask_draw(x, p, seed, population)
+    _validate.check_out(out, "out", x, device)
+    _validate.check_out(mask_out, "mask_out", x, device, dtype=np.bool_)
+    ops = _dispatch.shared(_FAMILY, device)
+    y = ops.empty_like(x) if out is None else out
+    mask = ops.empty(x.shape, np.bool_) if mask_out is None else mask_out
+    ops.forward(x, n_models, *draw, y, mask)
+    return y, mask
+
+
+class MaskDraw(NamedTuple):
+    """What the kernels need to draw a mask: per-model generator keys (int64 (K,) halves),
+    the model stride of the element index, thresholds ceil(p * 2**24) (int64 (K,)) and scales
+    1 / (1 - p) (x's dtype (K,))."""
+
+    keys_low: np.ndarray
+    keys_high: np.ndarray
+    model_stride: int
+    thresholds: np.ndarray
+    scales: np.ndarray
+
+
+def mask_draw(x, p, seed, population):
+    """:func:`dropout_forward`'s checks of ``x``, ``p``, ``seed`` and ``population``; returns
+    (x's device, K (1 without a population), :class:`MaskDraw`). fastdl._block draws the
+    layers' masks with it too."""
     population = _validate.population_flag(population)
     device = _validate.float_array(x, "x", population, ranks=(0, None))
     n_models = x.shape[0] if population else 1
     rates = _validate.hyperparameter(p, "p", n_models if population else None,
                                      _validate.closed_unit_interval)
     seed = _validate.seed(seed, "seed", n_models if population else None)
-    _validate.check_out(out, "out", x, device)
-    _validate.check_out(mask_out, "mask_out", x, device, dtype=np.bool_)
     keys_low, keys_high, model_stride = _keys(seed, n_models, population, x.shape)
-    thresholds, scales = _thresholds_and_scales(rates, x.dtype)
-    ops = _dispatch.shared(_FAMILY, device)
-    y = ops.empty_like(x) if out is None else out
-    mask = ops.empty(x.shape, np.bool_) if mask_out is None else mask_out
-    ops.forward(x, n_models, keys_low, keys_high, model_stride, thresholds, scales, y, mask)
-    return y, mask
+    return device, n_models, MaskDraw(keys_low, keys_high, model_stride,
+                                      *_thresholds_and_scales(rates, x.dtype))
 
 
 def dropout_backward(dy, mask, p, out=None):

@@ -7,11 +7,12 @@ call to call when shapes repeat (a fresh 32 MB array costs page faults), so keep
 output you need past the next call.
 """
 
+import contextlib
 import math
 
 import numpy as np
 
-from . import _dense, _dispatch, _validate
+from . import _block, _dense, _dispatch, _validate
 from .batchnorm import batch_norm_backward, batch_norm_forward
 from .device import is_device_array, location, threads_beside_blas, to_host
 from .dropout import dropout_backward, dropout_forward
@@ -440,6 +441,13 @@ class Dropout(Layer):
         self.calls = 0 if population is None else np.zeros(population, np.int64)
         self._mask = None
 
+    def _next_seed(self):
+        """The generator seed of the next mask (one per model for a population)."""
+        if self.population is None:
+            return self._call_seed(self.seed, self.calls)
+        return np.array([self._call_seed(s, c) for s, c in zip(self.seed, self.calls)],
+                        np.int64)
+
     @staticmethod
     def _call_seed(seed, calls):
         # distinct (seed, call) pairs give distinct generator keys (seeds below 2**31)
@@ -449,12 +457,8 @@ class Dropout(Layer):
         if not self.training:
             self._mask = None
             return x
-        if self.population is None:
-            seed = self._call_seed(self.seed, self.calls)
-        else:
-            seed = np.array([self._call_seed(s, c) for s, c in zip(self.seed, self.calls)],
-                            np.int64)
-        y, self._mask = dropout_forward(x, self.p, seed, population=self.population is not None,
+        y, self._mask = dropout_forward(x, self.p, self._next_seed(),
+                                        population=self.population is not None,
                                         out=self._out_like("y", x),
                                         mask_out=self._out_like("mask", x, np.bool_))
         self.calls += 1  # after the call: a rejected input draws no mask
@@ -632,24 +636,37 @@ class Sequential(Layer):
             layer.eval()
         return super().eval()
 
+    def _units(self):
+        """The layers, each BatchNorm - ReLU - Dropout run as one fused unit
+        (fastdl._block), built on first use."""
+        units = self.__dict__.get("_fused_units")
+        if units is None:
+            units = self._fused_units = _block.units(self.layers, (BatchNorm, ReLU, Dropout))
+        return units
+
     def forward(self, x):
-        with threads_beside_blas(x):
-            for layer in self.layers:
-                x = layer.forward(x)
+        linears = [layer for layer in self.layers if isinstance(layer, Linear)]
+        shape = tuple(x.shape)
+        if linears and len(shape) >= 2:  # the batch's examples, for _kernel_threads
+            self._examples = shape[-1] if linears[0].feature_axis == 0 else shape[-2]
+        with _kernel_threads(self, x, self.__dict__.get("_examples", 1)):
+            for unit in self._units():
+                x = unit.forward(x)
         return x
 
     def backward(self, dout, input_grad=True):
         """Backward through every layer; returns the input's gradient, or None with
         ``input_grad=False`` (training on data: a first Linear then skips that product)."""
-        with threads_beside_blas(dout):
-            for i in range(len(self.layers) - 1, -1, -1):
-                layer = self.layers[i]
+        units = self._units()
+        with _kernel_threads(self, dout, self.__dict__.get("_examples", 1)):
+            for i in range(len(units) - 1, -1, -1):
+                unit = units[i]
                 if i == 0 and not input_grad:
-                    if isinstance(layer, Linear):
-                        return layer.backward(dout, input_grad=False)
-                    layer.backward(dout)
+                    if isinstance(unit, Linear):
+                        return unit.backward(dout, input_grad=False)
+                    unit.backward(dout)
                     return None
-                dout = layer.backward(dout)
+                dout = unit.backward(dout)
         return dout
 
     def reset_model(self, k, seed=None):
@@ -683,6 +700,25 @@ class Sequential(Layer):
     def __repr__(self):
         inner = "".join(f"\n  {layer!r}," for layer in self.layers)
         return f"Sequential({inner}\n)"
+
+
+def _kernel_threads(model, like, n_examples):
+    """The threads for fastdl's CPU kernels around ``model``'s forward, backward or optimizer
+    step on batches of ``n_examples``.
+
+    :func:`fastdl.device.threads_beside_blas` (one thread, for a host ``like``) for one model,
+    and for a population whose Linear layers run their products on BLAS
+    (``fastdl._dense.blas_product``: large ones); no limit for a population whose products are
+    all fastdl's kernels (kernels/dense.py): no other thread pool runs, and its products,
+    batch norm, dropout and optimizer steps each split the K models across the cores. (One
+    small model gains nothing from a second thread: a demo epoch took 13-16 ms either way.)"""
+    layers = model.layers if isinstance(model, Sequential) else [model]
+    if all(getattr(layer, "population", None) is None for layer in layers) or any(
+            isinstance(layer, Linear) and _dense.blas_product(n_examples * layer.n_in
+                                                              * layer.n_out)
+            for layer in layers):
+        return threads_beside_blas(like)
+    return contextlib.nullcontext()
 
 
 class EarlyStopping:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _validate, data, nn, optim, schedules
-from .device import threads_beside_blas, to_device, to_host
+from .device import to_device, to_host
 
 # name -> (class, default learning rate): the rates the digits network trains well with
 OPTIMIZERS = {"adam": (optim.Adam, 2e-3), "adamw": (optim.AdamW, 2e-3),
@@ -179,7 +179,7 @@ def evaluate(model, X, y, loss_fn=None):
     if loss_fn is None:
         loss_fn = nn.SoftmaxCrossEntropy(population=n_models)
     X = to_device(X)
-    with _eval_mode(model), threads_beside_blas(X), _quiet_overflow(n_models):
+    with _eval_mode(model), nn._kernel_threads(model, X, len(y)), _quiet_overflow(n_models):
         logits = model.forward(X)
         loss = to_host(loss_fn.forward(logits, to_device(y)))
     correct = np.argmax(to_host(logits), axis=-1) == y
@@ -226,7 +226,7 @@ def train(model, splits, epochs=40, optimizer="adam", hyper=None, batch_size=64,
         start = time.perf_counter()
         opt.lr = schedule(epoch)
         total, seen = 0.0, 0
-        with threads_beside_blas(grads[0]):
+        with nn._kernel_threads(model, grads[0], batch_size):
             for X, y in data.minibatches(X_train, y_train, batch_size,
                                          seed=seed * 1000 + epoch):
                 loss = loss_fn.forward(model.forward(to_device(X)), to_device(y))
@@ -293,7 +293,8 @@ class Population:
         the optimizer's per-model non-finite skipping stops it, the others train on."""
         self.opt.lr = self.learning_rates()
         total, seen = np.zeros(self.n_models), 0
-        with threads_beside_blas(self._grads[0]), _quiet_overflow(self.n_models):
+        with nn._kernel_threads(self.model, self._grads[0], self.batch_size), \
+                _quiet_overflow(self.n_models):
             for X, y in data.minibatches(self.X_train, self.y_train, self.batch_size,
                                          seed=self.seed * 1000 + self.epoch):
                 loss = self.loss_fn.forward(self.model.forward(to_device(X)), to_device(y))

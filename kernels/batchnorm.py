@@ -222,24 +222,31 @@ def _blocks(n, parts):
 def plan(n_models, outer, channels, inner):
     """How to run a (K, outer, C, inner) input: loop order, work items, serial or parallel.
 
-    Work is split along the rows first (memory order), then the channels, then the runs, until
-    there are ~4 items per thread (for load balance) or nothing left to split. Plans are
-    cached: a training loop asks for the same few shapes every step."""
+    The rows and the runs (the axes each channel's sums run over) are cut into blocks by the
+    per-model shape alone (:func:`_reduction_blocks`), never by K or the number of threads:
+    each block's float64 partial sums are added in block order, so every model's statistics
+    have the same bits alone, in a population, serial or parallel (a population trains model
+    k as it trains alone). Then the channels are split until there are ~4 items per thread
+    (load balance) or nothing left to split. Plans are cached: a training loop asks for the
+    same few shapes every step."""
     parallel = config.use_parallel(n_models * outer * channels * inner)
     return _plan(n_models, outer, channels, inner, parallel, threads())
 
 
+def _reduction_blocks(n, block):
+    """Blocks of ``n`` rows (or run positions) of about ``block`` each, at most 8."""
+    return _blocks(n, min(8, max(1, n // block)))
+
+
 @functools.lru_cache(maxsize=256)
 def _plan(n_models, outer, channels, inner, parallel, n_threads):
-    per_model = -(-4 * n_threads // n_models) if parallel else 1
-    row_blocks = _blocks(outer, per_model)
+    row_blocks = _reduction_blocks(outer, 32)
     if inner == 1:
         items = [(k, o0, o1) for k in range(n_models) for o0, o1 in row_blocks]
         return Plan(True, np.array(items, np.int64), parallel, (n_models, outer, channels))
-    left = -(-per_model // len(row_blocks))
-    channel_blocks = _blocks(channels, left)
-    left = -(-left // len(channel_blocks))
-    run_blocks = _blocks(inner, min(left, -(-inner // MIN_CHUNK_SIZE)))
+    run_blocks = _reduction_blocks(inner, MIN_CHUNK_SIZE)
+    wanted = -(-4 * n_threads // n_models) if parallel else 1  # items per model
+    channel_blocks = _blocks(channels, -(-wanted // (len(row_blocks) * len(run_blocks))))
     items = [(k, o0, o1, c0, c1, i0, i1) for k in range(n_models) for o0, o1 in row_blocks
              for c0, c1 in channel_blocks for i0, i1 in run_blocks]
     return Plan(False, np.array(items, np.int64), parallel, (n_models, outer, channels, inner))

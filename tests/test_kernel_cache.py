@@ -6,7 +6,8 @@ than the same kernel just compiled. One script runs every registered CPU kernel 
 ``PARALLEL_MIN_SIZE`` and saves the outputs; it runs in a cold process (a fresh
 NUMBA_CACHE_DIR: compiles and writes the cache) and then a warm one (the same directory: loads),
 and the outputs must be equal bitwise. The script also fails when a registered kernel was never
-called, so that a new kernel cannot escape the comparison.
+called, so that a new kernel cannot escape the comparison (a kernel module the script never
+imports registers nothing: it runs a network too, and the last test names every module).
 
 Softmax's kernels are left out here: their cold/warm test lives with them (tests/test_softmax.py).
 """
@@ -79,6 +80,20 @@ SCRIPT = textwrap.dedent("""
             if state["ema"] is not None:
                 results[f"optim_{name}_{n}_ema"] = state["ema"][0]
 
+    # a population network (kernels/dense.py's products, kernels/block.py's fused batch norm -
+    # ReLU - dropout) and one model (the products alone), small and large
+    from fastdl import training
+
+    for n_models, rows in [(2, 4), (8, 64), (None, 64)]:
+        seeds = 3 if n_models is None else list(range(n_models))
+        net = training.build_network(population=n_models, seed=seeds, device="cpu")
+        X = rng(5).standard_normal((rows, 64)).astype(np.float32)
+        logits = net.forward(X).copy()
+        dx = net.backward(rng(6).standard_normal(logits.shape).astype(np.float32))
+        results[f"net_{n_models}_logits"], results[f"net_{n_models}_dx"] = logits, dx.copy()
+        for i, g in enumerate(net.grads()):
+            results[f"net_{n_models}_grad{i}"] = g.copy()
+
     from fastdl.kernels.measure import triad
 
     a = np.zeros(large, np.float32)
@@ -116,8 +131,17 @@ def test_cold_and_warm_kernels_agree_bitwise(tmp_path):
 
 def test_registry_names_every_cpu_kernel_module():
     """Every kernel module registers its kernels (the cache test relies on the registry)."""
-    from fastdl.kernels import batchnorm, config, dropout, measure, optim, pointers  # noqa: F401
+    from fastdl.kernels import (  # noqa: F401
+        batchnorm,
+        block,
+        config,
+        dense,
+        dropout,
+        measure,
+        optim,
+        pointers,
+    )
 
     families = {name.split(".")[0] for name in config.REGISTRY}
-    assert {"batchnorm", "dropout", "optim", "pointers", "measure"} <= families
+    assert {"batchnorm", "block", "dense", "dropout", "optim", "pointers", "measure"} <= families
     assert config.REGISTRY["dropout.forward_kernel.parallel"] is dropout.forward_parallel

@@ -324,11 +324,13 @@ def test_kernels_run_serially_while_blas_threads_spin_after_a_layers_product(mon
 
     if numba.get_num_threads() < 2:
         pytest.skip("one thread: every kernel runs serially anyway")
-    layer = nn.Linear(64, 64, seed=0)
+    small, large = nn.Linear(64, 64, seed=0), nn.Linear(1024, 1024, seed=0)
     opt = fd.optim.Adam([np.zeros(1 << 20, np.float32)])
     monkeypatch.setattr(config, "_last_blas_product", -np.inf)
     assert config.use_parallel(1 << 20) and opt._ops._parallel_now()
-    layer.forward(np.ones((8, 64), np.float32))
+    small.forward(np.ones((8, 64), np.float32))  # fastdl's own product kernel: no BLAS pool
+    assert config.use_parallel(1 << 20)
+    large.forward(np.ones((32, 1024), np.float32))  # 2**25 multiply-adds: BLAS
     assert not config.use_parallel(1 << 20) and not opt._ops._parallel_now()
     monkeypatch.setattr(config, "BLAS_SPIN_SECONDS", 0.0)
     assert config.use_parallel(1 << 20)

@@ -64,17 +64,21 @@ def test_model_k_equals_its_single_run(cls, hyper, options, dtype, rng):
                 assert info.grad_norm[k] == pytest.approx(info_k.grad_norm, rel=1e-6)
 
 
-def test_a_nan_in_model_k_freezes_model_k_only(rng):
+# without clipping the step tests finiteness alone (kernels/optim.py's grad_nonfinite), with
+# clipping it also takes the norm (grad_stats)
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_nan_in_model_k_freezes_model_k_only(rng, max_grad_norm, bad):
     params = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
     population = [p.copy() for p in params]
-    opt = fd.optim.Adam(population, population=True, skip_nonfinite=True, max_grad_norm=1.0,
-                        lr=0.01)
-    reference = [fd.optim.Adam([p[k].copy() for p in params], lr=0.01, max_grad_norm=1.0)
-                 for k in range(K)]
+    opt = fd.optim.Adam(population, population=True, skip_nonfinite=True,
+                        max_grad_norm=max_grad_norm, lr=0.01)
+    reference = [fd.optim.Adam([p[k].copy() for p in params], lr=0.01,
+                               max_grad_norm=max_grad_norm) for k in range(K)]
     for t in range(6):
         grads = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
         if t == 2:
-            grads[1][1, 3] = np.nan  # model 1 diverges at step 3
+            grads[1][1, 3] = bad  # model 1 diverges at step 3
         info = opt.step(grads)
         np.testing.assert_array_equal(info.found_inf, [False, t == 2, False])
         for k in range(K):

@@ -86,7 +86,16 @@ def compile_notice(kernel_names, seconds):
     CPU kernels ``kernel_names`` (names in ``fastdl.kernels.config.REGISTRY``) are not cached
     on disk yet, so that a first run does not sit silent while numba compiles. Returns whether
     it printed (the kernels are not cached)."""
-    from fastdl.kernels import batchnorm, config, dropout, optim, pointers, softmax  # noqa: F401
+    from fastdl.kernels import (  # noqa: F401  (importing registers the kernels)
+        batchnorm,
+        block,
+        config,
+        dense,
+        dropout,
+        optim,
+        pointers,
+        softmax,
+    )
 
     if config.cached_on_disk(kernel_names):
         return False
