@@ -453,11 +453,15 @@ class Dropout(Layer):
         # distinct (seed, call) pairs give distinct generator keys (seeds below 2**31)
         return ((seed << 32) + int(calls)) & (2**63 - 1)
 
-    def forward(self, x):
+    def forward(self, x, rows=None):
+        """y = x * mask / (1 - p) in training (x itself in eval mode). ``rows``: in
+        data-parallel training, ``fastdl.dropout.Rows(first, total, axis)``, where x's examples
+        sit in the global batch: masks keyed by global position, the same whatever the number
+        of ranks (:func:`fastdl.dropout_forward`)."""
         if not self.training:
             self._mask = None
             return x
-        y, self._mask = dropout_forward(x, self.p, self._next_seed(),
+        y, self._mask = dropout_forward(x, self.p, self._next_seed(), rows=rows,
                                         population=self.population is not None,
                                         out=self._out_like("y", x),
                                         mask_out=self._out_like("mask", x, np.bool_))
@@ -644,14 +648,16 @@ class Sequential(Layer):
             units = self._fused_units = _block.units(self.layers, (BatchNorm, ReLU, Dropout))
         return units
 
-    def forward(self, x):
+    def forward(self, x, rows=None):
+        """Every layer in turn. ``rows`` (data-parallel training): where x's examples sit in
+        the global batch, for the Dropout layers' masks (:meth:`Dropout.forward`)."""
         linears = [layer for layer in self.layers if isinstance(layer, Linear)]
         shape = tuple(x.shape)
         if linears and len(shape) >= 2:  # the batch's examples, for _kernel_threads
             self._examples = shape[-1] if linears[0].feature_axis == 0 else shape[-2]
         with _kernel_threads(self, x, self.__dict__.get("_examples", 1)):
             for unit in self._units():
-                x = unit.forward(x)
+                x = unit.forward(x, rows) if _takes_rows(unit) else unit.forward(x)
         return x
 
     def backward(self, dout, input_grad=True):
@@ -700,6 +706,11 @@ class Sequential(Layer):
     def __repr__(self):
         inner = "".join(f"\n  {layer!r}," for layer in self.layers)
         return f"Sequential({inner}\n)"
+
+
+def _takes_rows(unit):
+    """Whether a Sequential's unit keys masks by global position (takes ``rows``)."""
+    return isinstance(unit, (Dropout, _block.NormReluDropout))
 
 
 def _kernel_threads(model, like, n_examples):
