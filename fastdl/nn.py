@@ -71,6 +71,28 @@ class Layer:
         for a layer without state."""
         return self._stateless_index(src), self._stateless_index(dst)
 
+    # What state_dict holds besides the params (each layer names its own).
+    buffer_names = ()
+
+    def state_dict(self):
+        """Host copies of the layer's parameters and buffers (name -> array), plus what else
+        decides its next results (a dropout stream's seeds and call counts)."""
+        return {name: to_host(getattr(self, name)).copy()
+                for name in self.param_names + self.buffer_names}
+
+    def load_state_dict(self, state):
+        """Write :meth:`state_dict`'s arrays back into the layer's own (in place: views of a
+        container's flat buffer stay views). Everything is checked before anything is
+        written: ValueError / TypeError for a missing entry or a wrong shape or dtype."""
+        names = self.param_names + self.buffer_names
+        _validate.entries(state, "state", names)
+        for name in names:
+            _saved_array(state[name], f"state[{name!r}]", getattr(self, name).dtype,
+                         tuple(getattr(self, name).shape))
+        arrays = _dispatch.arrays(location(getattr(self, names[0]))) if names else None
+        for name in names:
+            arrays.write(getattr(self, name), state[name])
+
     def _stateless_index(self, k):
         population = getattr(self, "population", None)
         if population is None:
@@ -104,6 +126,13 @@ def _model_seeds(seed, population):
     if population is not None and isinstance(seed, int):
         return [spawn_seed(seed, k) for k in range(population)]
     return seed
+
+
+def _saved_array(a, argument, dtype, shape):
+    """A saved state's array: a NumPy array of ``dtype`` and ``shape``."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{argument} must be a NumPy array; got {_validate.describe(a)}")
+    _validate.dtype_and_shape(a, argument, np.dtype(dtype), shape)
 
 
 def _model_index(k, population):
@@ -312,6 +341,7 @@ class BatchNorm(Layer):
 
     param_names = ("gamma", "beta")
     grad_names = ("dgamma", "dbeta")
+    buffer_names = ("running_mean", "running_var")
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5, channel_axis=1, dtype=np.float32,
                  population=None, storage=None, grad_storage=None, device=None, sync=False,
@@ -467,6 +497,23 @@ class Dropout(Layer):
                                         mask_out=self._out_like("mask", x, np.bool_))
         self.calls += 1  # after the call: a rejected input draws no mask
         return y
+
+    def state_dict(self):
+        """The mask stream: seeds and call counts (and the rates)."""
+        return {"seed": np.array(self.seed, np.int64), "calls": np.array(self.calls, np.int64),
+                "p": np.array(self.p, np.float64)}
+
+    def load_state_dict(self, state):
+        _validate.entries(state, "state", ("seed", "calls", "p"))
+        shape = () if self.population is None else (self.population,)
+        for name, dtype in [("seed", np.int64), ("calls", np.int64), ("p", np.float64)]:
+            _saved_array(state[name], f"state[{name!r}]", np.dtype(dtype), shape)
+        if self.population is None:
+            self.seed, self.calls, self.p = (int(state["seed"]), int(state["calls"]),
+                                             float(state["p"]))
+        else:
+            self.seed = [int(s) for s in state["seed"]]
+            self.calls, self.p = state["calls"].copy(), state["p"].copy()
 
     def reset_model(self, k, seed=None):
         """Model ``k`` draws its masks from the start again: call count 0, and ``seed`` as
@@ -675,6 +722,30 @@ class Sequential(Layer):
                 dout = unit.backward(dout)
         return dout
 
+    def state_dict(self):
+        """Every layer's :meth:`Layer.state_dict`, in order: ``{"layers": [...]}``."""
+        return {"layers": [layer.state_dict() for layer in self.layers]}
+
+    def load_state_dict(self, state):
+        """Load :meth:`state_dict`'s output into every layer (all checked first)."""
+        _validate.entries(state, "state", ("layers",))
+        layers = state["layers"]
+        if not isinstance(layers, (list, tuple)) or len(layers) != len(self.layers):
+            raise ValueError(f"state['layers'] must hold {len(self.layers)} layers' states; got "
+                             f"{_validate.describe(layers)}")
+        for i, saved in enumerate(layers):
+            if not isinstance(saved, dict):
+                raise TypeError(f"state['layers'][{i}] must be a dict; got "
+                                f"{_validate.describe(saved)}")
+        snapshot = self.state_dict()  # a rejected layer puts the earlier ones back
+        try:
+            for layer, saved in zip(self.layers, layers):
+                layer.load_state_dict(saved)
+        except (TypeError, ValueError):
+            for layer, saved in zip(self.layers, snapshot["layers"]):
+                layer.load_state_dict(saved)
+            raise
+
     def reset_model(self, k, seed=None):
         """Reinitialize model ``k`` of every layer. ``seed``: a new model seed, giving the layer
         at position i the seed ``spawn_seed(seed, i)`` (as :func:`fastdl.training.
@@ -758,6 +829,26 @@ class EarlyStopping:
             self.best_params = [np.array(to_host(p)) for p in self.model.params()]
         return self.epoch - self.best_epoch >= self.patience if self.best_epoch is not None \
             else self.epoch + 1 >= self.patience
+
+    def state_dict(self):
+        """Where the stopper stands (best loss and epoch, epochs seen, the best parameters)."""
+        return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "epoch": self.epoch,
+                "best_params": None if self.best_params is None else list(self.best_params)}
+
+    def load_state_dict(self, state):
+        _validate.entries(state, "state", ("best_loss", "best_epoch", "epoch", "best_params"))
+        params = self.model.params()
+        best = state["best_params"]
+        if best is not None:
+            if not isinstance(best, (list, tuple)) or len(best) != len(params):
+                raise ValueError(f"state['best_params'] must hold {len(params)} arrays; got "
+                                 f"{_validate.describe(best)}")
+            for i, (saved, p) in enumerate(zip(best, params)):
+                _saved_array(saved, f"state['best_params'][{i}]", p.dtype, tuple(p.shape))
+        self.best_loss = _validate.real_value(state["best_loss"], "state['best_loss']")
+        self.best_epoch = None if state["best_epoch"] is None else int(state["best_epoch"])
+        self.epoch = int(state["epoch"])
+        self.best_params = None if best is None else [np.array(a) for a in best]
 
     def restore(self):
         """Copy the parameters of the best epoch back into the model."""

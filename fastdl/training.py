@@ -22,13 +22,16 @@ accuracies and hyperparameters are (K,).
 """
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import _validate, data, nn, optim, schedules
+from . import checkpoint as _checkpoint
 from .device import to_device, to_host
+from .dropout import Rows
 
 # name -> (class, default learning rate): the rates the digits network trains well with
 OPTIMIZERS = {"adam": (optim.Adam, 2e-3), "adamw": (optim.AdamW, 2e-3),
@@ -69,7 +72,8 @@ class History:
 
 
 def build_network(n_in=64, hidden=HIDDEN, n_classes=10, dropout=0.1, seed=0,
-                  dtype=np.float32, device=None, population=None, batchnorm_momentum=0.1):
+                  dtype=np.float32, device=None, population=None, batchnorm_momentum=0.1,
+                  sync_batchnorm=False):
     """The demo network: per width in ``hidden`` a Linear (no bias) - BatchNorm - ReLU -
     Dropout(``dropout``) block, then a Linear output of ``n_classes`` logits; batch-first, an
     :class:`fastdl.nn.Sequential` (one flat parameter buffer).
@@ -77,6 +81,9 @@ def build_network(n_in=64, hidden=HIDDEN, n_classes=10, dropout=0.1, seed=0,
     Shapes: X (N, n_in) -> logits (N, n_classes). The layer at position i of the Sequential
     draws from ``nn.spawn_seed(seed, i)`` (its weights, or its dropout masks), as
     ``model.reset_model(k, seed)`` reseeds it.
+
+    ``sync_batchnorm=True``: batch norm synchronized across the ranks of data-parallel
+    training (``nn.BatchNorm(sync=True)``).
 
     ``population=K`` builds K models in one (logits (K, N, n_classes)); ``dropout`` and
     ``batchnorm_momentum`` may be K values and ``seed`` K seeds (default ``seed + k``); model k
@@ -97,7 +104,8 @@ def build_network(n_in=64, hidden=HIDDEN, n_classes=10, dropout=0.1, seed=0,
     for units in hidden:
         position = len(layers)
         layers += [nn.Linear(width, units, bias=False, seed=seeds(position), **options),
-                   nn.BatchNorm(units, momentum=batchnorm_momentum, **options), nn.ReLU(),
+                   nn.BatchNorm(units, momentum=batchnorm_momentum, sync=sync_batchnorm,
+                                **options), nn.ReLU(),
                    nn.Dropout(dropout, seed=seeds(position + 3), population=population)]
         width = units
     layers.append(nn.Linear(width, n_classes, seed=seeds(len(layers)), **options))
@@ -198,7 +206,7 @@ def accuracy(model, X, y):
 
 
 def train(model, splits, epochs=40, optimizer="adam", hyper=None, batch_size=64, seed=0,
-          patience=10, progress=None):
+          patience=10, progress=None, comm=None, checkpoint=None, watchdog=None):
     """Train one ``model`` on ``splits`` = ``((X_train, y_train), (X_dev, y_dev), test)`` (as
     :func:`fastdl.data.load_digits` gives them; the test split is not touched); returns a
     :class:`History` of floats.
@@ -210,39 +218,93 @@ def train(model, splits, epochs=40, optimizer="adam", hyper=None, batch_size=64,
     history)`` is called after each epoch::
 
         history = train(build_network(), splits, epochs=40, optimizer="adamw")
+
+    Data-parallel training (``comm``: a ``fastdl.distributed`` communicator, every rank
+    calling ``train`` on the same ``splits`` and a model built alike, batch norm with
+    ``sync=True``): each rank takes its rows of every global batch (``fastdl.data.
+    minibatches(rank=, world=)``), dropout keys its masks by global position, the loss's
+    gradient is scaled to the rank's share of the global mean (its rows / the batch's) and
+    one SUM-allreduce of the flat gradient buffer gives every rank the full gradient: the
+    ranks train the model one process trains on the whole batches (to float rounding; one
+    rank: bit for bit). Every rank evaluates the whole dev split.
+
+    ``checkpoint``: a file path; after every epoch the model, optimizer, early stopping and
+    history (rank 0 writes; atomically: ``fastdl.checkpoint``) are saved there, and a run that
+    finds one there continues from it, bit for bit as if never stopped. ``watchdog``: a
+    ``fastdl.distributed.Watchdog``, told of every step's progress.
     """
     _validate.integer(epochs, "epochs", minimum=1)
     if model_count(model) is not None:
         raise ValueError(f"train takes one model; got a population of {model_count(model)} "
                          f"models: use train_population")
     (X_train, y_train), (X_dev, y_dev), _ = splits
+    rank, world = (0, 1) if comm is None else (comm.rank, comm.size)
     opt = make_optimizer(optimizer, model, hyper)
     schedule = schedules.inverse_time(opt.lr, decay_rate=LR_DECAY_RATE)
     loss_fn, dev_loss_fn = nn.SoftmaxCrossEntropy(), nn.SoftmaxCrossEntropy()
     stopper = nn.EarlyStopping(model, patience=patience)
     grads = model.grads()
-    history = History()
-    for epoch in range(epochs):
+    history, first_epoch, stopped = History(), 0, False
+    if checkpoint is not None and os.path.exists(checkpoint):
+        first_epoch, stopped = _resume(_checkpoint.load(checkpoint), model, opt, stopper,
+                                       history)
+    n_examples = len(y_train)
+    for epoch in range(first_epoch, epochs):
+        if stopped:
+            break
         start = time.perf_counter()
         opt.lr = schedule(epoch)
-        total, seen = 0.0, 0
+        total = np.zeros(1)
         with nn._kernel_threads(model, grads[0], batch_size):
-            for X, y in data.minibatches(X_train, y_train, batch_size,
-                                         seed=seed * 1000 + epoch):
-                loss = loss_fn.forward(model.forward(to_device(X)), to_device(y))
-                model.backward(loss_fn.backward(), input_grad=False)
+            for b, (X, y) in enumerate(data.minibatches(
+                    X_train, y_train, batch_size, seed=seed * 1000 + epoch,
+                    **({} if world == 1 else dict(rank=rank, world=world)))):
+                where, share = {}, 1.0  # one process: the plain step, bit for bit
+                if world > 1:
+                    global_rows = min(batch_size, n_examples - b * batch_size)
+                    where = dict(rows=Rows(global_rows * rank // world, global_rows))
+                    share = len(y) / global_rows  # the local mean -> its share of the global
+                loss = loss_fn.forward(model.forward(to_device(X), **where), to_device(y))
+                model.backward(loss_fn.backward(share), input_grad=False)
+                if world > 1:
+                    comm.allreduce(model.flat_grads)
                 opt.step(grads)
-                total += float(to_host(loss)) * len(y)
-                seen += len(y)
+                if len(y):
+                    total += float(to_host(loss)) * len(y)
+                if watchdog is not None:
+                    watchdog.progress()
+        if world > 1:
+            comm.allreduce(total)
         seconds = time.perf_counter() - start
         dev_loss, dev_accuracy = evaluate(model, X_dev, y_dev, dev_loss_fn)
-        history.record(total / seen, dev_loss, dev_accuracy, opt.lr, seconds)
+        history.record(float(total[0]) / n_examples, dev_loss, dev_accuracy, opt.lr, seconds)
         if progress is not None:
             progress(epoch, history)
-        if stopper.step(dev_loss):
-            break
+        stopped = stopper.step(dev_loss)
+        if checkpoint is not None and rank == 0:
+            _checkpoint.save(checkpoint, {
+                "epoch": epoch + 1, "stopped": stopped, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "stopper": stopper.state_dict(),
+                "history": {name: list(getattr(history, name)) for name in HISTORY_FIELDS}})
     stopper.restore()
     return history
+
+
+# the entries of History a checkpoint keeps (epoch_seconds too: what the epochs took then)
+HISTORY_FIELDS = ("train_loss", "dev_loss", "dev_accuracy", "lr", "epoch_seconds")
+
+
+def _resume(state, model, opt, stopper, history):
+    """Load a checkpoint :func:`train` wrote into its model, optimizer, stopper and history;
+    returns (the next epoch, whether early stopping had ended the run)."""
+    _validate.entries(state, "checkpoint",
+                      ("epoch", "stopped", "model", "optimizer", "stopper", "history"))
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    stopper.load_state_dict(state["stopper"])
+    for name in HISTORY_FIELDS:
+        getattr(history, name).extend(state["history"][name])
+    return int(state["epoch"]), bool(state["stopped"])
 
 
 class Population:

@@ -6,9 +6,12 @@ The MPI runs need mpi4py and an ``mpiexec`` (``pip install fastdl[mpi]``: mpi4py
 """
 
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def mpiexec(n, script, *args, timeout=300, extra=()):
-    """Run ``tests/ranks/<script>`` on ``n`` ranks; returns the CompletedProcess."""
+    """Run ``tests/ranks/<script>`` (or, for ``script="-m"``, the module that follows) on
+    ``n`` ranks; returns the CompletedProcess."""
     require("mpi4py")
     launcher = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) \
         or shutil.which("mpiexec")
@@ -30,9 +34,10 @@ def mpiexec(n, script, *args, timeout=300, extra=()):
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("CI=true: no mpiexec (.ci/run installs mpich)")
         pytest.skip("no mpiexec: pip install mpich")
-    command = [launcher, *extra, "-n", str(n), sys.executable, str(HERE / "ranks" / script),
-               *map(str, args)]
-    path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+    target = ["-m"] if script == "-m" else [str(HERE / "ranks" / script)]
+    command = [launcher, *extra, "-n", str(n), sys.executable, *target, *map(str, args)]
+    path = os.pathsep.join(filter(None, [str(HERE), str(HERE / "ranks"),
+                                         os.environ.get("PYTHONPATH")]))
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": path})  # `import reference`
 
@@ -142,3 +147,84 @@ def test_torch_sync_batchnorm_under_ddp_trains_like_one_process(tmp_path):
     got = np.load(out)
     for key, value in net.state_dict().items():
         np.testing.assert_allclose(got[key], value.numpy(), rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("world, n_examples", [(2, 64), (2, 70), (3, 70)])
+def test_data_parallel_training_equals_one_process_on_the_whole_batches(world, n_examples,
+                                                                        tmp_path):
+    """W ranks of fastdl.training.train (synchronized batch norm, dropout by global position,
+    the gradient allreduce, Adam, early stopping) end with the parameters, running statistics
+    and losses of one process on the whole batches (float64, 1e-9), an uneven last batch
+    included (70 = 4 x 16 + 6)."""
+    out = tmp_path / "ranks.npz"
+    result = mpiexec(world, "train_small.py", n_examples, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sys.path.insert(0, str(HERE / "ranks"))
+    try:
+        from small_run import run
+    finally:
+        sys.path.pop(0)
+    history, model = run(n_examples)
+    got = np.load(out)
+    want = [*model.params(), *[s for layer in model.state_dict()["layers"]
+                               for s in layer.values()]]
+    for i, w in enumerate(want):
+        np.testing.assert_allclose(got[f"arr_{i}"], w, rtol=1e-9, atol=1e-11, err_msg=str(i))
+    np.testing.assert_allclose(got["losses"], history.train_loss, rtol=1e-9)
+    np.testing.assert_allclose(got["dev"], history.dev_loss, rtol=1e-9)
+
+
+def _demo(n, *flags, extra=()):
+    return mpiexec(n, "-m", "fastdl", "demo", "--data-parallel", "--no-progress", *flags,
+                   extra=extra)
+
+
+def _accuracies(stdout):
+    lines = [line for line in stdout.splitlines() if "accuracy:" in line]
+    values = [float(word) for line in lines for word in line.replace(":", " ").split()
+              if word.replace(".", "").isdigit() and "." in word]
+    return values  # train, dev, test
+
+
+def test_the_demo_on_w_ranks_prints_the_single_process_accuracies(tmp_path):
+    args = ("--epochs", "6", "--out", str(tmp_path))
+    alone = subprocess.run([sys.executable, "-m", "fastdl", "demo", "--no-progress", *args],
+                           capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    one, two = _demo(1, *args), _demo(2, *args)
+    for result in (one, two):
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("test accuracy") == 1  # rank 0 alone prints
+    assert _accuracies(one.stdout) == _accuracies(alone.stdout)  # W = 1: identical
+    # W = 2: float32 rounding in other orders; within a test example or two
+    assert np.allclose(_accuracies(two.stdout), _accuracies(alone.stdout), atol=2 / 269 + 1e-9)
+
+
+def test_a_killed_rank_ends_the_job_within_a_bounded_time_naming_it(tmp_path):
+    """mpiexec -disable-auto-cleanup keeps the other rank running: fastdl's watchdog ends the
+    job after --timeout, naming the rank gone. (MPICH's default mpiexec ends it at once: its
+    message names the PID, which the demo's first lines map to the rank.)"""
+    require("mpi4py")
+    launcher = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) \
+        or shutil.which("mpiexec")
+    command = [launcher, "-disable-auto-cleanup", "-n", "2", sys.executable, "-m", "fastdl",
+               "demo", "--data-parallel", "--no-progress", "--epochs", "100000", "--patience",
+               "100000", "--timeout", "4", "--out", str(tmp_path)]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pids = None
+        for line in job.stdout:
+            if line.startswith("data-parallel:"):
+                pids = {int(rank): int(pid) for rank, pid in
+                        re.findall(r"rank (\d+): \S+ pid (\d+)", line)}
+            if line.startswith("epoch 2/"):
+                break
+        assert pids is not None and len(pids) == 2
+        start = time.monotonic()
+        os.kill(pids[1], signal.SIGKILL)
+        _, stderr = job.communicate(timeout=60)
+        assert time.monotonic() - start < 30
+    finally:
+        job.kill()
+    assert job.returncode != 0
+    assert "rank 1 (" in stderr and f"pid {pids[1]}) is gone" in stderr, stderr[-2000:]
