@@ -369,8 +369,11 @@ PER_MODEL_ADAM = ("groups-fused", "groups-foreach", "batched")
 
 
 def population_search_space(n_models, seed=0):
-    """K random configurations of the demo network (lr, betas, L2, dropout), as arrays."""
-    return tune.sample_space(tune.default_space("adam"), n_models, seed=seed)
+    """K random configurations of the demo network (lr, betas, L2, dropout), as arrays
+    (batch norm's momentum stays the default 0.1, as the PyTorch ensembles')."""
+    space = tune.default_space("adam")
+    del space["batchnorm_momentum"]
+    return tune.sample_space(space, n_models, seed=seed)
 
 
 def make_population_run(implementation, n_models=16, epochs=10, seed=0, n_examples=None,

@@ -56,12 +56,13 @@ class Communicator:
         return ", ".join(f"rank {r}: {host} pid {pid}"
                          for r, (host, pid) in enumerate(self.processes))
 
-    def gone(self):
-        """The ranks on this host whose process has ended (a rank on another host cannot be
-        checked from here)."""
+    def absent(self):
+        """{rank: "gone" | "stopped"} for the other ranks on this host whose process has ended
+        or is stopped (a rank on another host cannot be checked from here)."""
         here = socket.gethostname()
-        return [r for r, (host, pid) in enumerate(self.processes)
-                if host == here and r != self.rank and not _running(pid)]
+        states = {r: _process_state(pid) for r, (host, pid) in enumerate(self.processes)
+                  if host == here and r != self.rank}
+        return {r: state for r, state in states.items() if state != "running"}
 
     def allreduce(self, array):
         """``array`` (a C-contiguous float or int NumPy array) summed over the ranks, in place.
@@ -94,23 +95,30 @@ class Communicator:
 
     def abort(self, code=1):
         """End every rank of the job (MPI_Abort): a rank that cannot go on must not leave the
-        others waiting in a collective forever."""
+        others waiting in a collective forever. What this rank printed is given a moment to
+        reach the launcher first: MPICH's mpiexec forwards a rank's output through its proxy,
+        and an immediate abort lost the last message about 1 run in 10."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(0.5)
         self.comm.Abort(code)
 
 
-def _running(pid):
-    """Whether process ``pid`` of this host runs (a zombie, dead but not yet reaped, does not)."""
+def _process_state(pid):
+    """"running", "stopped" (SIGSTOP, a debugger) or "gone" (ended, or a zombie: dead but not
+    yet reaped) for process ``pid`` of this host."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+            state = f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return False
+            return "gone"
         except PermissionError:
             pass
-        return True
+        return "running"
+    return "gone" if state in ("Z", "X") else "stopped" if state in ("T", "t") else "running"
 
 
 def _check_buffer(a, argument):
@@ -198,8 +206,9 @@ def is_root():
 class Watchdog:
     """Ends the job when this rank makes no progress for ``timeout`` seconds (a rank died or
     hangs, and the others wait for it in a collective forever): prints which ranks are gone
-    (those on this host whose process ended) or, failing that, that the others did not answer,
-    then MPI_Abort. Call :meth:`progress` at every step; use as a context manager.
+    or stopped (those on this host whose process ended, or was stopped) or, failing that, that
+    the others did not answer, then MPI_Abort. Call :meth:`progress` at every step; use as a
+    context manager.
 
     MPICH's ``mpiexec`` ends the whole job at once when a rank's process dies (its message
     names the host and PID: :meth:`Communicator.describe` maps them to ranks); the watchdog
@@ -230,11 +239,9 @@ class Watchdog:
             if silent < self.timeout:
                 continue
             comm = communicator()
-            gone = comm.gone()
-            who = ", ".join(f"rank {r} ({comm.processes[r][0]} pid {comm.processes[r][1]})"
-                            for r in gone)
-            who = (f"{who} {'is' if len(gone) == 1 else 'are'} gone" if gone
-                   else "the other ranks did not answer (one died on another host, or hangs)")
+            who = "; ".join(f"rank {r} ({comm.processes[r][0]} pid {comm.processes[r][1]}) "
+                            f"is {state}" for r, state in comm.absent().items()) or \
+                "the other ranks did not answer (one died on another host, or hangs)"
             print(f"fastdl: rank {comm.rank} of {comm.size} made no progress in {self.where} "
                   f"for {silent:.0f} s: {who}; ending the job", file=sys.stderr, flush=True)
             comm.abort(1)
@@ -247,7 +254,11 @@ def excepthook_aborts():
     previous = sys.excepthook
 
     def hook(kind, value, traceback):
-        print(f"fastdl: rank {rank()} of {world_size()} failed:", file=sys.stderr, flush=True)
+        absent = "" if _COMM is None else "; ".join(
+            f"rank {r} ({_COMM.processes[r][0]} pid {_COMM.processes[r][1]}) is {state}"
+            for r, state in _COMM.absent().items())
+        print(f"fastdl: rank {rank()} of {world_size()} failed"
+              f"{' (' + absent + ')' if absent else ''}:", file=sys.stderr, flush=True)
         previous(kind, value, traceback)
         sys.stderr.flush()
         if _COMM is not None and _COMM.size > 1:

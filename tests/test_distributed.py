@@ -200,31 +200,58 @@ def test_the_demo_on_w_ranks_prints_the_single_process_accuracies(tmp_path):
     assert np.allclose(_accuracies(two.stdout), _accuracies(alone.stdout), atol=2 / 269 + 1e-9)
 
 
-def test_a_killed_rank_ends_the_job_within_a_bounded_time_naming_it(tmp_path):
-    """mpiexec -disable-auto-cleanup keeps the other rank running: fastdl's watchdog ends the
-    job after --timeout, naming the rank gone. (MPICH's default mpiexec ends it at once: its
-    message names the PID, which the demo's first lines map to the rank.)"""
+def _data_parallel_job(tmp_path, *extra):
+    """A long data-parallel demo on 2 ranks: (the Popen, {rank: pid}) once it trains."""
     require("mpi4py")
     launcher = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) \
         or shutil.which("mpiexec")
-    command = [launcher, "-disable-auto-cleanup", "-n", "2", sys.executable, "-m", "fastdl",
-               "demo", "--data-parallel", "--no-progress", "--epochs", "100000", "--patience",
+    command = [launcher, *extra, "-n", "2", sys.executable, "-m", "fastdl", "demo",
+               "--data-parallel", "--no-progress", "--epochs", "100000", "--patience",
                "100000", "--timeout", "4", "--out", str(tmp_path)]
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids, seen = None, []
+    for line in job.stdout:
+        seen.append(line)
+        if line.startswith("data-parallel:"):
+            pids = {int(rank): int(pid) for rank, pid in
+                    re.findall(r"rank (\d+): \S+ pid (\d+)", line)}
+        if line.startswith("epoch 2/"):
+            break
+    assert pids is not None and len(pids) == 2, "".join(seen)
+    return job, pids, "".join(seen)
+
+
+def test_a_killed_rank_ends_the_job_at_once_and_the_output_names_it(tmp_path):
+    """MPICH's mpiexec ends the job when a rank's process dies; its message names the PID,
+    which the demo's first lines map to the rank."""
+    job, pids, head = _data_parallel_job(tmp_path)
     try:
-        pids = None
-        for line in job.stdout:
-            if line.startswith("data-parallel:"):
-                pids = {int(rank): int(pid) for rank, pid in
-                        re.findall(r"rank (\d+): \S+ pid (\d+)", line)}
-            if line.startswith("epoch 2/"):
-                break
-        assert pids is not None and len(pids) == 2
         start = time.monotonic()
         os.kill(pids[1], signal.SIGKILL)
-        _, stderr = job.communicate(timeout=60)
+        stdout, stderr = job.communicate(timeout=60)
         assert time.monotonic() - start < 30
     finally:
         job.kill()
     assert job.returncode != 0
-    assert "rank 1 (" in stderr and f"pid {pids[1]}) is gone" in stderr, stderr[-2000:]
+    output = head + stdout + stderr
+    assert f"PID {pids[1]}" in output and "rank 1: " in head, output[-2000:]
+
+
+def test_a_stopped_rank_ends_the_job_after_the_timeout_naming_it(tmp_path):
+    """A rank that stops answering (SIGSTOP) leaves the others waiting in a collective:
+    fastdl's watchdog ends the job after --timeout, naming the rank."""
+    job, pids, _ = _data_parallel_job(tmp_path)
+    try:
+        start = time.monotonic()
+        os.kill(pids[1], signal.SIGSTOP)
+        stdout, stderr = job.communicate(timeout=60)
+        assert time.monotonic() - start < 30
+    finally:
+        try:
+            os.kill(pids[1], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        job.kill()
+    assert job.returncode != 0
+    assert "rank 1 (" in stderr and f"pid {pids[1]}) is stopped" in stderr, \
+        (stdout + stderr)[-2000:]
