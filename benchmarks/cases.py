@@ -268,7 +268,8 @@ EPOCH_CASES = {
 EPOCH_IMPLEMENTATIONS = ("fastdl", "numpy", "torch")
 
 
-def torch_network(sizes, dropout, seed, lr, weight_decay, betas=(0.9, 0.999)):
+def torch_network(sizes, dropout, seed, lr, weight_decay, betas=(0.9, 0.999),
+                  batchnorm_momentum=0.1):
     """The demo's network in PyTorch (Linear without bias - BatchNorm1d - ReLU - Dropout
     blocks, a Linear output) and fused Adam with L2 on the weights only: ``(model, opt)``."""
     import torch
@@ -276,7 +277,8 @@ def torch_network(sizes, dropout, seed, lr, weight_decay, betas=(0.9, 0.999)):
     torch.manual_seed(seed)
     layers, width = [], sizes[0]
     for units in sizes[1:-1]:
-        layers += [torch.nn.Linear(width, units, bias=False), torch.nn.BatchNorm1d(units),
+        layers += [torch.nn.Linear(width, units, bias=False),
+                   torch.nn.BatchNorm1d(units, momentum=batchnorm_momentum),
                    torch.nn.ReLU(), torch.nn.Dropout(dropout)]
         width = units
     model = torch.nn.Sequential(*layers, torch.nn.Linear(width, sizes[-1]))
@@ -367,8 +369,11 @@ PER_MODEL_ADAM = ("groups-fused", "groups-foreach", "batched")
 
 
 def population_search_space(n_models, seed=0):
-    """K random configurations of the demo network (lr, betas, L2, dropout), as arrays."""
-    return tune.sample_space(tune.default_space("adam"), n_models, seed=seed)
+    """K random configurations of the demo network (lr, betas, L2, dropout), as arrays
+    (batch norm's momentum stays the default 0.1, as the PyTorch ensembles')."""
+    space = tune.default_space("adam")
+    del space["batchnorm_momentum"]
+    return tune.sample_space(space, n_models, seed=seed)
 
 
 def make_population_run(implementation, n_models=16, epochs=10, seed=0, n_examples=None,
@@ -840,3 +845,125 @@ def make_torch_step(case, implementation, seed=0):
         loss_fn(model(x), target).backward()
         opt.step()
     return step
+
+
+# -- Optuna studies -------------------------------------------------------------------------------
+# One study of ``n_trials`` trials of the demo network (``epochs`` each, the same space and data,
+# TPE): fastdl's populations (fastdl.tune.optimize, K trials at once, with or without refilling
+# pruned slots), or Optuna's ordinary use, ``study.optimize`` with one model per trial, in
+# fastdl or in PyTorch.
+
+STUDY_IMPLEMENTATIONS = ("fastdl-population", "optuna-fastdl-per-trial",
+                         "optuna-torch-per-trial")
+
+
+@dataclass
+class StudyCase:
+    name: str
+    n_trials: int
+    epochs: int
+    population: int
+    pruner: str = "none"  # or "median"
+    refill: bool = True
+    n_examples: int = None  # None: all 1258 training examples
+
+    def smoke(self):
+        return dataclasses.replace(self, n_trials=4, epochs=1, population=2, n_examples=128)
+
+
+STUDY_CASES = {
+    "study_64": StudyCase("64 trials of 10 epochs", 64, 10, 16),
+    "study_64_median_refill": StudyCase("64 trials, median pruner, pruned slots refilled", 64,
+                                        10, 16, "median"),
+    "study_64_median_rounds": StudyCase("64 trials, median pruner, rounds of 16 (no refill)",
+                                        64, 10, 16, "median", refill=False),
+}
+
+
+def _study(case, seed):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=case.population)
+              if case.pruner == "median" else optuna.pruners.NopPruner())
+    return optuna.create_study(sampler=optuna.samplers.TPESampler(constant_liar=True, seed=seed),
+                               pruner=pruner)
+
+
+def make_study_run(case, implementation, seed=0):
+    """A zero-argument callable running one study of ``case`` with ``implementation``;
+    returns the study."""
+    (X, y), dev, test = data.load_digits(seed)
+    splits = ((X[:case.n_examples], y[:case.n_examples]), dev, test)
+    space = tune.default_space("adam")
+    distributions = tune.optuna_distributions(space)
+    if implementation == "fastdl-population":
+        def run():
+            study = _study(case, seed)
+            return tune.optimize(study, space, case.n_trials, population=case.population,
+                                 epochs=case.epochs, splits=splits, seed=seed,
+                                 refill=case.refill)
+
+        return run
+
+    def suggest(trial):  # Optuna's ordinary use: the objective suggests each value
+        params = {name: trial.suggest_float(name, d.low, d.high, log=d.log)
+                  for name, d in distributions.items()}
+        return tune.hyper_from_params(space, params)
+
+    if implementation == "optuna-fastdl-per-trial":
+        def objective(trial):
+            hyper = suggest(trial)
+            model = training.build_network(dropout=hyper.pop("dropout"),
+                                           batchnorm_momentum=hyper.pop("batchnorm_momentum"),
+                                           seed=trial.number, device="cpu")
+            history = training.train(model, splits, case.epochs, hyper=hyper, seed=seed,
+                                     patience=case.epochs + 1)
+            return history.dev_loss[-1]
+
+    elif implementation == "optuna-torch-per-trial":
+        import torch
+
+        (X_train, y_train), (X_dev, y_dev), _ = splits
+        X_dev, y_dev = torch.from_numpy(X_dev), torch.from_numpy(y_dev)
+
+        def objective(trial):
+            hyper = suggest(trial)
+            lr0 = hyper["lr"]
+            model, opt = torch_network((64, *training.HIDDEN, 10), hyper["dropout"],
+                                       trial.number, lr=lr0, weight_decay=hyper["weight_decay"],
+                                       betas=(hyper["beta1"], hyper["beta2"]),
+                                       batchnorm_momentum=hyper["batchnorm_momentum"])
+            for epoch in range(case.epochs):
+                model.train()
+                for group in opt.param_groups:
+                    group["lr"] = lr0 / (1 + training.LR_DECAY_RATE * epoch)
+                for xb, yb in data.minibatches(X_train, y_train, 64, seed=seed * 1000 + epoch):
+                    opt.zero_grad(set_to_none=False)
+                    torch.nn.functional.cross_entropy(model(torch.from_numpy(xb)),
+                                                      torch.from_numpy(yb)).backward()
+                    opt.step()
+                model.eval()
+                with torch.no_grad():
+                    dev_loss = float(torch.nn.functional.cross_entropy(model(X_dev), y_dev))
+            return dev_loss
+    else:
+        raise ValueError(f"implementation must be one of {STUDY_IMPLEMENTATIONS}; got "
+                         f"{implementation!r}")
+
+    def run():
+        study = _study(case, seed)
+        study.optimize(objective, n_trials=case.n_trials)
+        return study
+
+    return run
+
+
+def tune_command(case, workers, models, out, seed=0):
+    """``python -m fastdl tune`` running ``case``'s study with ``workers`` x ``models`` (an
+    embedded journal file under ``out``, created fresh by the caller)."""
+    import sys
+
+    return [sys.executable, "-m", "fastdl", "tune", "--device", "cpu", "--trials",
+            str(case.n_trials), "--epochs", str(case.epochs), "--models", str(models),
+            "--workers", str(workers), "--seed", str(seed), "--out", str(out)]

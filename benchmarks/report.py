@@ -75,12 +75,41 @@ def main(path):
                 print(f"| {case.name} | {_ms(ours)} | {_ms(theirs)} | "
                       f"{_ratio(theirs, ours)} | {rate} |")
         print()
+    if ("study_64", "fastdl-population") in times:
+        _study_tables(times)
     if triad:
         print(f"Memory bandwidth in the same run (STREAM triad, 2 threads): {triad:.0f} GB/s. "
               "Times are the best of each benchmark's rounds.")
     info = data["machine_info"]
     print(f"Machine: {info.get('cpu', {}).get('brand_raw', info.get('processor'))}, "
           f"{data['datetime'][:10]}, Python {info['python_version']}.")
+
+
+def _study_tables(times):
+    """The Optuna study benchmarks (benchmarks/test_study_bench.py): seconds to finish a study
+    of 64 trials, and trials finished per second."""
+    ours = times["study_64", "fastdl-population"]
+    n_trials = cases.STUDY_CASES["study_64"].n_trials
+    print("| 64 trials of the demo network, 10 epochs each | time | trials / s | "
+          "fastdl population faster by |")
+    print("|---|---:|---:|---:|")
+    names = {"fastdl-population": "fastdl, 1 worker x 16 models (`fastdl.tune.optimize`)",
+             "optuna-fastdl-per-trial": "Optuna's `study.optimize`, one fastdl model per trial",
+             "optuna-torch-per-trial": "Optuna's `study.optimize`, one PyTorch model per trial"}
+    for implementation, name in names.items():
+        t = times.get(("study_64", implementation))
+        if t is not None:
+            print(f"| {name} | {t:.2f} s | {n_trials / t:.1f} | {_ratio(t, ours)} |")
+    for workers, models in [(1, 16), (2, 8)]:
+        t = times.get(("study_workers", f"{workers}x{models}"))
+        if t is not None:
+            print(f"| `python -m fastdl tune --workers {workers} --models {models}` (whole "
+                  f"command) | {t:.2f} s | {n_trials / t:.1f} | — |")
+    for key in ("study_64_median_refill", "study_64_median_rounds"):
+        t = times.get((key, "fastdl-population"))
+        if t is not None:
+            print(f"| {cases.STUDY_CASES[key].name} | {t:.2f} s | {n_trials / t:.1f} | — |")
+    print()
 
 
 def _row(name, key, times, moved, implementations):

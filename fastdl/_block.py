@@ -47,32 +47,28 @@ class NormReluDropout:
         self._fused = False
         self._y = self._scales = None
 
-    def _fusable(self, x):
+    def _fusable(self, x, rows):
         norm, _, dropout = self.layers
         if not (norm.training and dropout.training and isinstance(x, np.ndarray)
                 and x.dtype in (np.float32, np.float64)
                 and norm.population == dropout.population):
             return False
         per_model_rank = x.ndim - (norm.population is not None)
-        return per_model_rank >= 2 and norm.channel_axis % per_model_rank == per_model_rank - 1
+        # the rows layout, and in data-parallel training its examples along the first axis
+        return (per_model_rank >= 2 and norm.channel_axis % per_model_rank == per_model_rank - 1
+                and (rows is None or rows[2:] in ((), (0,))))
 
-    def forward(self, x):
-        self._fused = self._fusable(x)
-        if not self._fused:
-            for layer in self.layers:
-                x = layer.forward(x)
-            return x
+    def forward(self, x, rows=None):
+        self._fused = self._fusable(x, rows)
         norm, relu, dropout = self.layers
+        if not self._fused:
+            return dropout.forward(relu.forward(norm.forward(x)), rows)
         population = norm.population is not None
-        if population:
-            seed = np.array([dropout._call_seed(s) for s in dropout.seed], np.int64)
-        else:
-            seed = dropout._call_seed(dropout.seed)
-        _, _, draw = mask_draw(x, dropout.p, seed, population)
+        _, _, draw = mask_draw(x, dropout.p, dropout._next_seed(), population, rows)
         y, norm._cache = _forward(
             x, norm.gamma, norm.beta, norm.running_mean, norm.running_var, True, norm.momentum,
             norm.eps, norm.channel_axis, population, dropout._out_like("y", x),
-            relu_dropout=draw)
+            relu_dropout=draw, comm=norm._comm())
         dropout.calls += 1
         dropout._mask = relu._saved = None  # not kept: see the module docstring
         self._y, self._scales = y, draw.scales

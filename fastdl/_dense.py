@@ -36,8 +36,14 @@ def blas_product(macs):
 class _DenseCpu(HostOps):
     """NumPy on host arrays; small products on fastdl's kernels (kernels/dense.py)."""
 
-    @staticmethod
-    def matmul(a, b, out, transpose_a=False, transpose_b=False):
+    def __init__(self):
+        from fastdl.kernels import config, dense
+
+        self._dense = dense
+        # BLAS's threads spin after a product: fastdl's parallel kernels wait for a while
+        self._note_blas_product = config.note_blas_product
+
+    def matmul(self, a, b, out, transpose_a=False, transpose_b=False):
         """out = op(a) @ op(b), op = transpose of the last two axes where asked. 2-D, or 3-D for
         a population (K, ., .); a 2-D operand is shared by the K models.
 
@@ -47,13 +53,13 @@ class _DenseCpu(HostOps):
         also slowed the fastdl kernels after them (the module says more). Larger: NumPy."""
         depth = a.shape[-2] if transpose_a else a.shape[-1]
         if not blas_product(out.shape[-2] * out.shape[-1] * depth):
-            from fastdl.kernels import dense
-
             if out.ndim == 2:
-                dense.matmul(a, b, out[None], transpose_a, transpose_b)
+                self._dense.matmul(a, b, out[None], transpose_a, transpose_b)
                 return out
-            return dense.matmul(a, b, out, transpose_a, transpose_b)
-        return np.matmul(_t(a, transpose_a), _t(b, transpose_b), out=out)
+            return self._dense.matmul(a, b, out, transpose_a, transpose_b)
+        np.matmul(_t(a, transpose_a), _t(b, transpose_b), out=out)
+        self._note_blas_product()
+        return out
 
     @staticmethod
     def add_bias(y, b, feature_axis):

@@ -16,6 +16,13 @@ Backward, with xhat = (x - mu) * inv_std::
 ``channel_axis`` is any axis of the (per-model) input: 1 for PyTorch's (N, C) / (N, C, H, W),
 0 for the notes' (features, examples), -1 for channels-last. Inputs are C-contiguous and never
 copied; each layout has its own loop order (``kernels/batchnorm.py``).
+
+Synchronized across W processes (``comm=``, data-parallel training): each rank sums n,
+sum(x - c) and sum((x - c)**2) per channel in float64, shifted by c = the running mean (the
+same on every rank; the kernels sum shifted by a sample, moved to c in float64), and one
+SUM-allreduce gives the global mean and variance; backward
+allreduces the per-channel sums of dy and dy * xhat, so dx is the gradient of the global batch's
+statistics, while dgamma and dbeta stay the rank's own (the gradient allreduce adds them).
 """
 
 from typing import NamedTuple
@@ -36,8 +43,9 @@ class BatchNormCache(NamedTuple):
     training: bool
     channel_axis: int
     population: bool
-    m: int  # values per channel
+    m: int  # values per channel (over every rank when synchronized)
     ops: object  # the device's kernels, with their work plan for this shape
+    comm: object = None  # synchronized batch norm: what the backward sums are reduced over
 
 
 class _BatchNormCpu(HostOps):
@@ -135,23 +143,29 @@ def _split_mean(mean, dtype):
 
 
 def batch_norm_forward(x, gamma, beta, running_mean, running_var, training=True, momentum=0.1,
-                       eps=1e-5, channel_axis=1, population=False, out=None):
+                       eps=1e-5, channel_axis=1, population=False, out=None, comm=None):
     """Normalize ``x`` per channel; returns ``(y, cache)``.
 
     x: float32/float64, C-contiguous, rank 2-5 (with ``population=True`` a leading axis of K
     models is added and statistics are per model and channel). gamma, beta, running_mean,
     running_var: (C,) arrays of x's dtype ((K, C) for a population); gamma / beta None mean
     1 / 0; running statistics None are not tracked in training and are required at test time.
-    Training updates the running statistics in place. ``out``: where to write y. An input
+    Training updates the running statistics in place, with ``momentum`` (a scalar, or (K,)
+    values for a population). ``out``: where to write y. An input
     with no values (an empty batch, or C = 0) gives an empty y and leaves the running
     statistics alone, as torch.nn.functional.batch_norm.
-    """
+
+    ``comm``: synchronized batch norm (the module docstring) over the ranks of a
+    ``fastdl.distributed`` communicator (or any object with ``size`` and an in-place
+    ``allreduce(float64 array)`` giving every rank the same bits); the training statistics are
+    the global batch's. A rank may hold no rows; with one rank it is the plain batch norm, bit
+    for bit. Every rank calls it (a collective)."""
     return _forward(x, gamma, beta, running_mean, running_var, training, momentum, eps,
-                    channel_axis, population, out)
+                    channel_axis, population, out, comm=comm)
 
 
 def _forward(x, gamma, beta, running_mean, running_var, training, momentum, eps, channel_axis,
-             population, out, relu_dropout=None):
+             population, out, relu_dropout=None, comm=None):
     """:func:`batch_norm_forward`; with ``relu_dropout`` (a ``fastdl.dropout.MaskDraw``, CPU
     and the rows layout only: fastdl._block checks) y is ``dropout(relu(batch norm))`` in one
     pass (kernels/block.py), the block's output."""
@@ -173,13 +187,20 @@ def _forward(x, gamma, beta, running_mean, running_var, training, momentum, eps,
         raise ValueError("training=False normalizes with the running statistics: "
                          "running_mean and running_var are required (got None)")
     m = outer * inner
-    if training and m == 1:
+    sync = training and comm is not None and comm.size > 1
+    if training and m == 1 and not sync:
         raise ValueError(f"training needs more than one value per channel (x of shape "
                          f"{x.shape} has 1 per channel at channel_axis={channel_axis})")
-    momentum = _validate.number(momentum, "momentum", _validate.closed_unit_interval)
+    # (K, 1): one momentum per model (a scalar, or K values with a population)
+    momentum = _validate.hyperparameter(momentum, "momentum", n_models if population else None,
+                                        _validate.closed_unit_interval)[:, None]
     eps = _validate.number(eps, "eps", _validate.positive)
     _validate.check_out(out, "out", x, device, forbid_overlap=x,
                         reason="x: backward reads x from the cache")
+    if sync and channels > 0:  # (no channels on any rank: nothing to reduce)
+        return _synchronized_forward(x, gamma, beta, running_mean, running_var, momentum, eps,
+                                     axis, population, view, per_channel, device, out, comm,
+                                     relu_dropout)
     if 0 in view:  # an empty batch or no channels: PyTorch's empty y, statistics untouched
         return _empty_forward(x, gamma, training, axis, population, m, device, per_channel,
                               out)
@@ -191,13 +212,27 @@ def _forward(x, gamma, beta, running_mean, running_var, training, momentum, eps,
         mean = shift + centered_mean
         var = np.maximum(s2 / m - centered_mean * centered_mean, 0.0)
         if running_mean is not None:
-            for running, batch in [(running_mean, mean), (running_var, var * m / (m - 1))]:
-                old = ops.to_host(running).reshape(n_models, channels).astype(np.float64)
-                ops.write(running, ((1 - momentum) * old + momentum * batch).reshape(
-                    running.shape))
+            _update_running(ops, running_mean, running_var, mean, var, m, momentum)
     else:
         mean = ops.to_host(running_mean).reshape(n_models, channels).astype(np.float64)
         var = ops.to_host(running_var).reshape(n_models, channels).astype(np.float64)
+    return _normalize(ops, x, mean, var, gamma, beta, eps, training, axis, population, m,
+                      per_channel, out, relu_dropout)
+
+
+def _update_running(ops, running_mean, running_var, mean, var, m, momentum):
+    """The running statistics' EWA step with the batch's mean and (unbiased) variance."""
+    n_models, channels = mean.shape
+    for running, batch in [(running_mean, mean), (running_var, var * m / (m - 1))]:
+        old = ops.to_host(running).reshape(n_models, channels).astype(np.float64)
+        ops.write(running, ((1 - momentum) * old + momentum * batch).reshape(running.shape))
+
+
+def _normalize(ops, x, mean, var, gamma, beta, eps, training, axis, population, m, per_channel,
+               out, relu_dropout=None, comm=None):
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta with float64 (K, C) statistics (then
+    relu and dropout with ``relu_dropout``); returns (y, cache)."""
+    n_models, channels = mean.shape
     inv_std = 1.0 / np.sqrt(var + eps)
     gamma64 = _per_channel_host(ops, gamma, n_models, channels, 1.0)
     beta64 = _per_channel_host(ops, beta, n_models, channels, 0.0)
@@ -212,8 +247,49 @@ def _forward(x, gamma, beta, running_mean, running_var, training, momentum, eps,
     else:
         ops.affine_relu_dropout(x, *coefficients, relu_dropout, y)
     cache = BatchNormCache(x, mean.reshape(per_channel), inv_std.reshape(per_channel), gamma,
-                           training, axis, population, m, ops)
+                           training, axis, population, m, ops, comm)
     return y, cache
+
+
+def _synchronized_forward(x, gamma, beta, running_mean, running_var, momentum, eps, axis,
+                          population, view, per_channel, device, out, comm, relu_dropout):
+    """Training batch norm over every rank's rows: float64 sums shifted by the running mean,
+    one allreduce of (n, sum(x - c), sum((x - c)**2)) per (model, channel)."""
+    n_models, outer, channels, inner = view
+    empty = 0 in view  # a rank may hold no rows: no kernels, but its part in the allreduce
+    ops = _dispatch.arrays(device) if empty else _dispatch.select(_FAMILY, device, view)
+    # The sums over this rank's rows, shifted by a sample (accurate in the storage dtype
+    # whatever the mean), are moved in float64 to the common shift c = the running mean (the
+    # same on every rank): sum(x - c) = s1 + n d and sum((x - c)**2) = s2 + 2 d s1 + n d**2,
+    # d = sample - c. Summing float32 (x - c)**2 with c = 0 (the first step) lost the variance
+    # of inputs of mean 1e2; float64 keeps (mean - c)**2 / var * 1e-16 of it.
+    if running_mean is not None:
+        common = ops.to_host(running_mean).reshape(n_models, channels).astype(np.float64)
+    else:
+        common = np.zeros((n_models, channels))
+    sums = np.zeros((3, n_models, channels))
+    sums[0] = n = outer * inner
+    if not empty:
+        sample, s1, s2 = ops.moments(x)
+        d = sample - common
+        sums[1], sums[2] = s1 + n * d, s2 + 2 * d * s1 + n * d * d
+    comm.allreduce(sums)
+    m = int(sums[0].flat[0]) if sums[0].size else 0
+    if m < 2:
+        raise ValueError(f"training needs more than one value per channel over all ranks; "
+                         f"the {comm.size} ranks hold {m}")
+    centered_mean = sums[1] / m
+    mean = common + centered_mean
+    var = np.maximum(sums[2] / m - centered_mean * centered_mean, 0.0)
+    if running_mean is not None:
+        _update_running(ops, running_mean, running_var, mean, var, m, momentum)
+    if empty:  # no rows here: an empty y; the statistics above were the others'
+        y = ops.empty_like(x) if out is None else out
+        inv_std = 1.0 / np.sqrt(var + eps)
+        return y, BatchNormCache(x, mean.reshape(per_channel), inv_std.reshape(per_channel),
+                                 gamma, True, axis, population, m, _EmptyOps(device, view), comm)
+    return _normalize(ops, x, mean, var, gamma, beta, eps, True, axis, population, m,
+                      per_channel, out, relu_dropout, comm)
 
 
 class _EmptyOps:
@@ -259,6 +335,9 @@ def batch_norm_backward(dy, cache, out=None):
                     f"got {_validate.describe(dy)}")
     _validate.check_out(out, "out", x, device)
     if isinstance(cache.ops, _EmptyOps):  # no values: an empty dx, sums over nothing are 0
+        if cache.comm is not None:  # the other ranks' backward reduces with this one's zeros
+            view = cache.ops.view
+            cache.comm.allreduce(np.zeros((2, view[0], view[2])))
         arrays = cache.ops.arrays
         return (arrays.empty_like(x) if out is None else out,
                 arrays.zeros(cache.mean.shape, x.dtype), arrays.zeros(cache.mean.shape, x.dtype))
@@ -273,8 +352,11 @@ def batch_norm_backward(dy, cache, out=None):
     dgamma = (sum_dy_xnear - mean_error * sum_dy) * inv_std  # sum(dy * (x - mean)) * inv_std
     a = _per_channel_host(ops, cache.gamma, n_models, channels, 1.0) * inv_std
     if cache.training:
-        b = -a * inv_std * dgamma / m
-        c0 = -a * dbeta / m
+        total_dbeta, total_dgamma = dbeta, dgamma
+        if cache.comm is not None:  # dx follows the global batch's sums; dgamma, dbeta stay
+            total_dbeta, total_dgamma = cache.comm.allreduce(np.stack([dbeta, dgamma]))
+        b = -a * inv_std * total_dgamma / m
+        c0 = -a * total_dbeta / m
     else:
         b = c0 = np.zeros_like(mean)
     dx = ops.empty_like(x) if out is None else out

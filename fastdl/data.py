@@ -15,16 +15,32 @@ def _take(a, index, axis):
     return None if a is None else np.take(a, index, axis=0 if a.ndim == 1 else axis)
 
 
-def minibatches(X, Y=None, batch_size=64, seed=None, axis=0, shuffle=True):
+def minibatches(X, Y=None, batch_size=64, seed=None, axis=0, shuffle=True, rank=None,
+                world=None):
     """Yield ``(X_batch, Y_batch)`` covering every example once: a seeded permutation cut into
     batches of ``batch_size``, the last one smaller when m is not a multiple. Batches are
-    C-contiguous copies (``Y_batch`` None without Y)."""
+    C-contiguous copies (``Y_batch`` None without Y).
+
+    Data-parallel training (``fastdl.distributed``): with ``rank`` and ``world`` each global
+    batch (the same permutation on every rank) is split in rank order and this yields rank
+    ``rank``'s rows of it, ``floor(rank * b / world)`` to ``floor((rank + 1) * b / world)``
+    (:func:`fastdl.distributed.rank_rows`; a rank may get none); ``rank=0, world=1`` yields
+    the whole batches."""
     m = _validate.examples(X, Y, axis)
     batch_size = _validate.integer(batch_size, "batch_size", minimum=1)
     shuffle = _validate.flag(shuffle, "shuffle")
+    if (rank is None) != (world is None):
+        raise ValueError("rank and world go together: give both or neither")
+    if world is not None:
+        world = _validate.integer(world, "world", minimum=1)
+        rank = _validate.integer(rank, "rank", minimum=0)
+        if rank >= world:
+            raise ValueError(f"rank must be in [0, {world}) for world={world}; got {rank}")
     order = np.random.default_rng(seed).permutation(m) if shuffle else np.arange(m)
     for start in range(0, m, batch_size):
         index = order[start:start + batch_size]
+        if world is not None:  # this rank's rows of the global batch
+            index = index[rank * len(index) // world:(rank + 1) * len(index) // world]
         yield np.ascontiguousarray(_take(X, index, axis)), \
             (None if Y is None else np.ascontiguousarray(_take(Y, index, axis)))
 

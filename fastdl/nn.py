@@ -58,6 +58,47 @@ class Layer:
             buffer = buffers[name] = _dispatch.arrays(location(like)).empty(tuple(shape), dtype)
         return buffer
 
+    def reset_model(self, k, seed=None):
+        """Reinitialize model ``k`` (0 for a lone layer) as a new layer built with its seed (or
+        with ``seed``, which becomes its seed): parameters, statistics, random streams. The
+        other models are untouched. Nothing to do for a layer without state (which, built
+        without a population, is shared by any number of models)."""
+        self._stateless_index(k)
+
+    def copy_model(self, src, dst):
+        """Make model ``dst`` a copy of model ``src``: parameters, statistics, random streams
+        and per-model hyperparameters, so that it continues as ``src`` would. Nothing to do
+        for a layer without state."""
+        return self._stateless_index(src), self._stateless_index(dst)
+
+    # What state_dict holds besides the params (each layer names its own).
+    buffer_names = ()
+
+    def state_dict(self):
+        """Host copies of the layer's parameters and buffers (name -> array), plus what else
+        decides its next results (a dropout stream's seeds and call counts)."""
+        return {name: to_host(getattr(self, name)).copy()
+                for name in self.param_names + self.buffer_names}
+
+    def load_state_dict(self, state):
+        """Write :meth:`state_dict`'s arrays back into the layer's own (in place: views of a
+        container's flat buffer stay views). Everything is checked before anything is
+        written: ValueError / TypeError for a missing entry or a wrong shape or dtype."""
+        names = self.param_names + self.buffer_names
+        _validate.entries(state, "state", names)
+        for name in names:
+            _saved_array(state[name], f"state[{name!r}]", getattr(self, name).dtype,
+                         tuple(getattr(self, name).shape))
+        arrays = _dispatch.arrays(location(getattr(self, names[0]))) if names else None
+        for name in names:
+            arrays.write(getattr(self, name), state[name])
+
+    def _stateless_index(self, k):
+        population = getattr(self, "population", None)
+        if population is None:
+            return _validate.integer(k, "k", minimum=0)
+        return _model_index(k, population)
+
     def _out_like(self, name, a, dtype=None):
         """:meth:`_out` for an output shaped like the input ``a`` (of ``a``'s dtype, or
         ``dtype``); None when ``a`` is no array, so the function's own checks reject it."""
@@ -66,15 +107,46 @@ class Layer:
         return self._out(name, a.shape, a.dtype if dtype is None else dtype, a)
 
 
+def spawn_seed(seed, index):
+    """Seed ``index`` of the family spawned from ``seed`` (NumPy's ``SeedSequence(seed)
+    .spawn``), a 31-bit int: the seed of model k of a population layer seeded ``seed``, and of
+    the layer at position i of a network seeded ``seed``. Neighbouring seeds spawn unrelated
+    families, so layers built with seeds 0 and 1 share no model's seed (``seed + k`` did)."""
+    entropy = np.random.SeedSequence(seed, spawn_key=(index,))
+    return int(entropy.generate_state(1, np.uint32)[0] >> 1)
+
+
 def _model_seeds(seed, population):
     """One seed per model: ``seed`` itself without a population; with one, a sequence of K
-    seeds as given, or seed, seed + 1, ... (model k then equals a lone layer of seed k's)."""
+    seeds as given, or K seeds spawned from ``seed`` (:func:`spawn_seed`; model k then equals a
+    lone layer of seed ``spawn_seed(seed, k)``)."""
     if seed is None:
-        seed = int(np.random.default_rng().integers(2**32))
+        seed = int(np.random.default_rng().integers(2**31))
     seed = _validate.seed(seed, "seed", population)
     if population is not None and isinstance(seed, int):
-        return [seed + k for k in range(population)]
+        return [spawn_seed(seed, k) for k in range(population)]
     return seed
+
+
+def _saved_array(a, argument, dtype, shape):
+    """A saved state's array: a NumPy array of ``dtype`` and ``shape``."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{argument} must be a NumPy array; got {_validate.describe(a)}")
+    _validate.dtype_and_shape(a, argument, np.dtype(dtype), shape)
+
+
+def _model_index(k, population):
+    """A model index of a layer of ``population`` (None: a lone layer, index 0 only)."""
+    n_models = 1 if population is None else population
+    k = _validate.integer(k, "k", minimum=0)
+    if k >= n_models:
+        raise ValueError(f"k must be a model index in [0, {n_models}); got {k}")
+    return k
+
+
+def _rows(a, population):
+    """The per-model rows of ``a``: ``a`` itself as one row for a lone layer."""
+    return a if population is not None else a[None]
 
 
 class Linear(Layer):
@@ -92,7 +164,9 @@ class Linear(Layer):
     ``population=K``: K models, W (K, n_out, n_in) and b (K, n_out), each product one batched
     call. The input is (K, N, n_in) (or (K, n_in, m)), or the models' shared batch (N, n_in)
     (or (n_in, m)); the output has the leading K axis. Model k is initialized from seed k of
-    ``seed`` (K ints, or seed + k), as a lone ``Linear(..., seed=...)`` would be.
+    ``seed`` (K ints, or K seeds spawned from one: :func:`spawn_seed`), as a lone
+    ``Linear(..., seed=...)`` of that seed would be. ``reset_model(k, seed=None)`` draws model
+    k's W again (b = 0); ``copy_model(src, dst)`` copies W, b and the seed.
     """
 
     decay_names = ("W",)
@@ -111,10 +185,9 @@ class Linear(Layer):
         self.population = population = _validate.model_count(population)
         self._ops = _dense.ops(self.device)
         arrays = _dispatch.arrays(self.device)
-        scale = math.sqrt((2.0 if init == "he" else 1.0) / self.n_in)
         seeds = _model_seeds(seed, population)
-        draw = [np.random.default_rng(s).standard_normal((self.n_out, self.n_in)) * scale
-                for s in ([seeds] if population is None else seeds)]
+        self.seeds = [seeds] if population is None else list(seeds)  # one per model
+        draw = [self._initial_weights(s) for s in self.seeds]
         weights = draw[0] if population is None else np.stack(draw)
         lead = () if population is None else (population,)
         self.W = arrays.copy_of(weights, self.dtype)
@@ -125,6 +198,31 @@ class Linear(Layer):
             self.db = arrays.zeros(lead + (self.n_out,), self.dtype)
             self.param_names, self.grad_names = ("W", "b"), ("dW", "db")
         self._x = None
+
+    def _initial_weights(self, seed):
+        """W of one model drawn from ``seed`` (float64, (n_out, n_in))."""
+        scale = math.sqrt((2.0 if self.init == "he" else 1.0) / self.n_in)
+        return np.random.default_rng(seed).standard_normal((self.n_out, self.n_in)) * scale
+
+    def reset_model(self, k, seed=None):
+        """Model ``k``'s W drawn again from its seed (or from ``seed``, now its seed), b = 0."""
+        k = _model_index(k, self.population)
+        seed = self.seeds[k] if seed is None else _validate.seed(seed, "seed")
+        arrays = _dispatch.arrays(self.device)
+        arrays.write(_rows(self.W, self.population)[k],
+                     self._initial_weights(seed).astype(self.dtype))
+        if "b" in self.param_names:
+            arrays.write(_rows(self.b, self.population)[k], np.zeros(self.n_out, self.dtype))
+        self.seeds[k] = seed
+
+    def copy_model(self, src, dst):
+        """Model ``dst``'s W, b and seed become model ``src``'s."""
+        src, dst = _model_index(src, self.population), _model_index(dst, self.population)
+        arrays = _dispatch.arrays(self.device)
+        for name in self.param_names:
+            rows = _rows(getattr(self, name), self.population)
+            arrays.write(rows[dst], rows[src])
+        self.seeds[dst] = self.seeds[src]
 
     def _out_shape(self, x):
         shape = tuple(x.shape)
@@ -229,23 +327,34 @@ class BatchNorm(Layer):
 
     ``gamma`` (ones) and ``beta`` (zeros) are learned; running statistics (mean 0, variance 1)
     are tracked in training and used in ``eval()`` mode. ``population=K`` keeps K models'
-    parameters and statistics, shape (K, num_features), for inputs with a leading K axis.
+    parameters and statistics, shape (K, num_features), for inputs with a leading K axis;
+    ``momentum`` may then hold one value per model. ``reset_model(k)`` puts model k back to
+    gamma 1, beta 0 and the initial statistics; ``copy_model(src, dst)`` copies them (and the
+    momentum).
     ``storage`` / ``grad_storage``: two arrays each (gamma, beta) on the layer's device to hold
     the parameters and their gradients, e.g. views of a container's flat buffer; they are
-    filled here.
+    filled here. ``sync=True``: synchronized batch norm in data-parallel training, the
+    training statistics those of the global batch over the ranks of ``comm`` (default:
+    ``fastdl.distributed``'s, once initialized; alone, the plain batch norm).
     ``device`` defaults to the selected one.
     """
 
     param_names = ("gamma", "beta")
     grad_names = ("dgamma", "dbeta")
+    buffer_names = ("running_mean", "running_var")
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5, channel_axis=1, dtype=np.float32,
-                 population=None, storage=None, grad_storage=None, device=None):
+                 population=None, storage=None, grad_storage=None, device=None, sync=False,
+                 comm=None):
         num_features = _validate.integer(num_features, "num_features", minimum=1)
+        self.sync = _validate.flag(sync, "sync")
+        self.comm = comm  # None: fastdl.distributed's, when sync
         self.dtype = _validate.float_dtype(dtype, "dtype")
         self.population = population = _validate.model_count(population)
         self.device = _validate.layer_device(device)
-        self.momentum = _validate.number(momentum, "momentum", _validate.closed_unit_interval)
+        momenta = _validate.hyperparameter(momentum, "momentum", population,
+                                           _validate.closed_unit_interval)
+        self.momentum = float(momenta[0]) if np.ndim(momentum) == 0 else momenta
         self.eps = _validate.number(eps, "eps", _validate.positive)
         # an int in [-5, 5) (inputs have rank <= 5); checked against the input's rank in forward
         self.channel_axis = _validate.axis_argument(channel_axis, "channel_axis", 5)
@@ -284,14 +393,43 @@ class BatchNorm(Layer):
             arrays.write(a, np.full(shape, v, self.dtype))
         return given
 
+    def reset_model(self, k, seed=None):
+        """Model ``k``: gamma 1, beta 0, running mean 0 and variance 1 (``seed`` is taken for
+        a uniform API: nothing here is random)."""
+        k = _model_index(k, self.population)
+        arrays, channels = _dispatch.arrays(self.device), self.gamma.shape[-1]
+        for name, value in [("gamma", 1), ("beta", 0), ("running_mean", 0), ("running_var", 1)]:
+            arrays.write(_rows(getattr(self, name), self.population)[k],
+                         np.full(channels, value, self.dtype))
+
+    def copy_model(self, src, dst):
+        """Model ``dst``'s gamma, beta, running statistics and momentum become ``src``'s."""
+        src, dst = _model_index(src, self.population), _model_index(dst, self.population)
+        arrays = _dispatch.arrays(self.device)
+        for name in ("gamma", "beta", "running_mean", "running_var"):
+            rows = _rows(getattr(self, name), self.population)
+            arrays.write(rows[dst], rows[src])
+        if np.ndim(self.momentum) == 1:
+            self.momentum = self.momentum.copy()  # may be the caller's array
+            self.momentum[dst] = self.momentum[src]
+
     def forward(self, x):
         """Normalize ``x`` (batch statistics in training, running ones in eval mode)."""
         y, self._cache = batch_norm_forward(
             x, self.gamma, self.beta, self.running_mean, self.running_var,
             training=self.training, momentum=self.momentum, eps=self.eps,
             channel_axis=self.channel_axis, population=self.population is not None,
-            out=self._out_like("y", x))
+            out=self._out_like("y", x), comm=self._comm() if self.training else None)
         return y
+
+    def _comm(self):
+        if not self.sync:
+            return None
+        if self.comm is not None:
+            return self.comm
+        from . import distributed
+
+        return distributed.communicator() if distributed.world_size() > 1 else None
 
     def backward(self, dout):
         """Write dgamma and dbeta; return the gradient for the input."""
@@ -306,7 +444,7 @@ class BatchNorm(Layer):
 
     def __repr__(self):
         return (f"BatchNorm({self.gamma.shape[-1]}, channel_axis={self.channel_axis}, "
-                f"momentum={self.momentum}, eps={self.eps}, training={self.training})")
+                f"momentum={self.momentum!r}, eps={self.eps}, training={self.training})")
 
 
 class Dropout(Layer):
@@ -316,7 +454,11 @@ class Dropout(Layer):
     Every training forward draws a new mask from (``seed``, call number), so a run is
     reproducible from its seed, on the CPU and the GPU alike. ``population=K``: inputs have a
     leading axis of K models, ``p`` may hold one rate per model, and model k draws from seed k
-    of ``seed`` (K ints, or seed + k): the masks of a lone ``Dropout(p, seed=...)``.
+    of ``seed`` (K ints, or K seeds spawned from one: :func:`spawn_seed`) and counts its own
+    calls: the masks of a lone ``Dropout(p, seed=...)`` of that seed. ``reset_model(k,
+    seed=None)`` restarts model k's stream (its call count, and its seed when given);
+    ``copy_model(src, dst)`` copies the seed, call count and rate, so that ``dst`` draws the
+    masks ``src`` will.
     """
 
     def __init__(self, p=0.5, seed=None, population=None):
@@ -324,26 +466,74 @@ class Dropout(Layer):
         rates = _validate.hyperparameter(p, "p", population, _validate.closed_unit_interval)
         self.p = float(rates[0]) if population is None else rates  # (K,): one rate per model
         self.seed = _model_seeds(seed, population)
-        self.population, self.calls = population, 0
+        self.population = population
+        # masks drawn so far: an int, or one count per model (a reset model starts again)
+        self.calls = 0 if population is None else np.zeros(population, np.int64)
         self._mask = None
 
-    def _call_seed(self, seed):
-        # distinct (seed, call) pairs give distinct generator keys (seeds below 2**31)
-        return ((seed << 32) + self.calls) & (2**63 - 1)
+    def _next_seed(self):
+        """The generator seed of the next mask (one per model for a population)."""
+        if self.population is None:
+            return self._call_seed(self.seed, self.calls)
+        return np.array([self._call_seed(s, c) for s, c in zip(self.seed, self.calls)],
+                        np.int64)
 
-    def forward(self, x):
+    @staticmethod
+    def _call_seed(seed, calls):
+        # distinct (seed, call) pairs give distinct generator keys (seeds below 2**31)
+        return ((seed << 32) + int(calls)) & (2**63 - 1)
+
+    def forward(self, x, rows=None):
+        """y = x * mask / (1 - p) in training (x itself in eval mode). ``rows``: in
+        data-parallel training, ``fastdl.dropout.Rows(first, total, axis)``, where x's examples
+        sit in the global batch: masks keyed by global position, the same whatever the number
+        of ranks (:func:`fastdl.dropout_forward`)."""
         if not self.training:
             self._mask = None
             return x
-        if self.population is None:
-            seed = self._call_seed(self.seed)
-        else:
-            seed = np.array([self._call_seed(s) for s in self.seed], np.int64)
-        y, self._mask = dropout_forward(x, self.p, seed, population=self.population is not None,
+        y, self._mask = dropout_forward(x, self.p, self._next_seed(), rows=rows,
+                                        population=self.population is not None,
                                         out=self._out_like("y", x),
                                         mask_out=self._out_like("mask", x, np.bool_))
         self.calls += 1  # after the call: a rejected input draws no mask
         return y
+
+    def state_dict(self):
+        """The mask stream: seeds and call counts (and the rates)."""
+        return {"seed": np.array(self.seed, np.int64), "calls": np.array(self.calls, np.int64),
+                "p": np.array(self.p, np.float64)}
+
+    def load_state_dict(self, state):
+        _validate.entries(state, "state", ("seed", "calls", "p"))
+        shape = () if self.population is None else (self.population,)
+        for name, dtype in [("seed", np.int64), ("calls", np.int64), ("p", np.float64)]:
+            _saved_array(state[name], f"state[{name!r}]", np.dtype(dtype), shape)
+        if self.population is None:
+            self.seed, self.calls, self.p = (int(state["seed"]), int(state["calls"]),
+                                             float(state["p"]))
+        else:
+            self.seed = [int(s) for s in state["seed"]]
+            self.calls, self.p = state["calls"].copy(), state["p"].copy()
+
+    def reset_model(self, k, seed=None):
+        """Model ``k`` draws its masks from the start again: call count 0, and ``seed`` as
+        its seed when given."""
+        k = _model_index(k, self.population)
+        seed = None if seed is None else _validate.seed(seed, "seed")
+        if self.population is None:
+            self.calls, self.seed = 0, self.seed if seed is None else seed
+        else:
+            self.calls[k] = 0
+            if seed is not None:
+                self.seed[k] = seed
+
+    def copy_model(self, src, dst):
+        """Model ``dst`` takes model ``src``'s seed, call count and rate."""
+        src, dst = _model_index(src, self.population), _model_index(dst, self.population)
+        if self.population is not None:
+            self.seed[dst], self.calls[dst] = self.seed[src], self.calls[src]
+            self.p = self.p.copy()  # the (K,) rates may be the caller's array
+            self.p[dst] = self.p[src]
 
     def backward(self, dout):
         """dx = dout * mask / (1 - p) (dout itself in eval mode)."""
@@ -362,8 +552,10 @@ class SoftmaxCrossEntropy(Layer):
     ``backward()`` returns dloss/dlogits, computed in the same fused pass as the loss.
 
     Keywords as :func:`fastdl.softmax_cross_entropy`; ``population=K`` gives per-model losses of
-    shape (K,) (each model's gradient is that of its own loss). ``weight``: class weights (C,)
-    (with a population also (K, C), per model), kept by reference.
+    shape (K,) (each model's gradient is that of its own loss) for logits with a leading axis
+    of K models, against per-model targets or the models' shared batch of class indices (e.g.
+    logits (K, N, C) and labels (N,)). ``weight``: class weights (C,) (with a population also
+    (K, C), per model), kept by reference.
     """
 
     def __init__(self, axis=-1, reduction="mean", label_smoothing=0.0, ignore_index=-100,
@@ -384,15 +576,39 @@ class SoftmaxCrossEntropy(Layer):
                                              _validate.closed_unit_interval),
             ignore_index=_validate.integer(ignore_index, "ignore_index"),
             population=population is not None, weight=weight)
+        self.population = population
         self._grad = None
 
     def forward(self, logits, target):
         """The loss of ``logits`` (classes along ``axis``) against ``target`` (class indices
         or probabilities); the gradient is kept for :meth:`backward`."""
+        if self.population is not None:
+            target = self._per_model_target(logits, target)
         out = self._out_like("dlogits", logits)
         loss, self._grad = softmax_cross_entropy(logits, target, out=out, **self.options)
         self._scale = 1.0
         return loss
+
+    def _per_model_target(self, logits, target):
+        """Check that ``logits`` hold this loss's K models; class indices shared by the models
+        (no leading K axis) are broadcast into a reused (K, ...) buffer of their dtype."""
+        shape = tuple(getattr(logits, "shape", ()))
+        if shape and shape[0] != self.population:
+            raise ValueError(f"logits must have a leading axis of population={self.population} "
+                             f"models; got shape {shape}")
+        target_shape = tuple(getattr(target, "shape", ()))
+        dtype = getattr(target, "dtype", None)
+        if not shape or dtype is None or np.dtype(dtype).kind not in "iu" \
+                or len(target_shape) != len(shape) - 2:
+            return target  # per-model targets, or something the function will reject
+        device = location(target)
+        if device != location(logits):
+            return target  # the function names the mixed devices
+        labels = self._out("labels", (self.population,) + target_shape, dtype, target)
+        arrays = _dispatch.arrays(device)
+        for k in range(self.population):
+            arrays.write(labels[k], target)
+        return labels
 
     def backward(self, dout=1.0):
         """dloss/dlogits times ``dout`` (a scalar: the loss is the end of the network)."""
@@ -479,14 +695,16 @@ class Sequential(Layer):
             units = self._fused_units = _block.units(self.layers, (BatchNorm, ReLU, Dropout))
         return units
 
-    def forward(self, x):
+    def forward(self, x, rows=None):
+        """Every layer in turn. ``rows`` (data-parallel training): where x's examples sit in
+        the global batch, for the Dropout layers' masks (:meth:`Dropout.forward`)."""
         linears = [layer for layer in self.layers if isinstance(layer, Linear)]
         shape = tuple(x.shape)
         if linears and len(shape) >= 2:  # the batch's examples, for _kernel_threads
             self._examples = shape[-1] if linears[0].feature_axis == 0 else shape[-2]
         with _kernel_threads(self, x, self.__dict__.get("_examples", 1)):
             for unit in self._units():
-                x = unit.forward(x)
+                x = unit.forward(x, rows) if _takes_rows(unit) else unit.forward(x)
         return x
 
     def backward(self, dout, input_grad=True):
@@ -503,6 +721,44 @@ class Sequential(Layer):
                     return None
                 dout = unit.backward(dout)
         return dout
+
+    def state_dict(self):
+        """Every layer's :meth:`Layer.state_dict`, in order: ``{"layers": [...]}``."""
+        return {"layers": [layer.state_dict() for layer in self.layers]}
+
+    def load_state_dict(self, state):
+        """Load :meth:`state_dict`'s output into every layer (all checked first)."""
+        _validate.entries(state, "state", ("layers",))
+        layers = state["layers"]
+        if not isinstance(layers, (list, tuple)) or len(layers) != len(self.layers):
+            raise ValueError(f"state['layers'] must hold {len(self.layers)} layers' states; got "
+                             f"{_validate.describe(layers)}")
+        for i, saved in enumerate(layers):
+            if not isinstance(saved, dict):
+                raise TypeError(f"state['layers'][{i}] must be a dict; got "
+                                f"{_validate.describe(saved)}")
+        snapshot = self.state_dict()  # a rejected layer puts the earlier ones back
+        try:
+            for layer, saved in zip(self.layers, layers):
+                layer.load_state_dict(saved)
+        except (TypeError, ValueError):
+            for layer, saved in zip(self.layers, snapshot["layers"]):
+                layer.load_state_dict(saved)
+            raise
+
+    def reset_model(self, k, seed=None):
+        """Reinitialize model ``k`` of every layer. ``seed``: a new model seed, giving the layer
+        at position i the seed ``spawn_seed(seed, i)`` (as :func:`fastdl.training.
+        build_network` seeds its layers); None keeps each layer's seed."""
+        if seed is not None:
+            seed = _validate.seed(seed, "seed")
+        for i, layer in enumerate(self.layers):
+            layer.reset_model(k, None if seed is None else spawn_seed(seed, i))
+
+    def copy_model(self, src, dst):
+        """Make model ``dst`` of every layer a copy of model ``src``."""
+        for layer in self.layers:
+            layer.copy_model(src, dst)
 
     def params(self):
         return [getattr(layer, name) for layer, name, _, _ in self._slots]
@@ -521,6 +777,11 @@ class Sequential(Layer):
     def __repr__(self):
         inner = "".join(f"\n  {layer!r}," for layer in self.layers)
         return f"Sequential({inner}\n)"
+
+
+def _takes_rows(unit):
+    """Whether a Sequential's unit keys masks by global position (takes ``rows``)."""
+    return isinstance(unit, (Dropout, _block.NormReluDropout))
 
 
 def _kernel_threads(model, like, n_examples):
@@ -568,6 +829,26 @@ class EarlyStopping:
             self.best_params = [np.array(to_host(p)) for p in self.model.params()]
         return self.epoch - self.best_epoch >= self.patience if self.best_epoch is not None \
             else self.epoch + 1 >= self.patience
+
+    def state_dict(self):
+        """Where the stopper stands (best loss and epoch, epochs seen, the best parameters)."""
+        return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "epoch": self.epoch,
+                "best_params": None if self.best_params is None else list(self.best_params)}
+
+    def load_state_dict(self, state):
+        _validate.entries(state, "state", ("best_loss", "best_epoch", "epoch", "best_params"))
+        params = self.model.params()
+        best = state["best_params"]
+        if best is not None:
+            if not isinstance(best, (list, tuple)) or len(best) != len(params):
+                raise ValueError(f"state['best_params'] must hold {len(params)} arrays; got "
+                                 f"{_validate.describe(best)}")
+            for i, (saved, p) in enumerate(zip(best, params)):
+                _saved_array(saved, f"state['best_params'][{i}]", p.dtype, tuple(p.shape))
+        self.best_loss = _validate.real_value(state["best_loss"], "state['best_loss']")
+        self.best_epoch = None if state["best_epoch"] is None else int(state["best_epoch"])
+        self.epoch = int(state["epoch"])
+        self.best_params = None if best is None else [np.array(a) for a in best]
 
     def restore(self):
         """Copy the parameters of the best epoch back into the model."""

@@ -486,6 +486,52 @@ class _Optimizer:
         return StepInfo(bool(found[0]) if found is not None else False,
                         float(norm[0]) if norm is not None else None)
 
+    # -- one model of a population -----------------------------------------------------------
+
+    def reset_model(self, k):
+        """Model ``k`` (0 without a population) starts again, as a new optimizer would: its
+        state (moments, buffers) zero, step count 0, EMA weights a copy of its parameters as
+        they are now (reset those first). The other models are untouched; model k's
+        hyperparameters are the param groups' values (set ``param_groups[g][key][k]``)."""
+        k = self._model_index(k, "k")
+        for buffer in self._state.values():
+            for view in self._ops.views(buffer):
+                row = self._model_rows(view)[k]
+                self._ops.write(row, np.zeros(tuple(row.shape), self.dtype))
+        if self._ema is not None:
+            for view, param in zip(self._ops.views(self._ema), self._params):
+                self._ops.write(self._model_rows(view)[k], self._model_rows(param)[k])
+        self._steps[k], self._sumsq[k], self._nonfinite[k], self._active[k] = 0, 0.0, False, True
+
+    def copy_model(self, src, dst):
+        """Model ``dst`` becomes a copy of model ``src``: state, step count, EMA weights and
+        the per-model hyperparameters of every param group (a (K,) value gets element ``src``
+        at ``dst``, in a copy: the caller's array is left alone), so that ``dst`` steps as
+        ``src`` would."""
+        src, dst = self._model_index(src, "src"), self._model_index(dst, "dst")
+        buffers = list(self._state.values()) + ([] if self._ema is None else [self._ema])
+        for buffer in buffers:
+            for view in self._ops.views(buffer):
+                rows = self._model_rows(view)
+                self._ops.write(rows[dst], rows[src])
+        self._steps[dst] = self._steps[src]
+        for group in self.param_groups:
+            for key in self._defaults:
+                value = group[key]
+                group[key] = (tuple(_copied_model(v, src, dst) for v in value)
+                              if key == "betas" else _copied_model(value, src, dst))
+
+    def _model_index(self, k, argument):
+        k = _validate.integer(k, argument, minimum=0)
+        if k >= self.n_models:
+            raise ValueError(f"{argument} must be a model index in [0, {self.n_models}); got "
+                             f"{k}")
+        return k
+
+    def _model_rows(self, a):
+        """``a`` (a param or state view) as per-model rows: itself for a population."""
+        return a if self.population else a[None]
+
     @property
     def step_count(self):
         """Steps taken (per model for a population; skipped steps do not count)."""
@@ -498,6 +544,15 @@ class _Optimizer:
 
 
 _MISSING = object()
+
+
+def _copied_model(value, src, dst):
+    """A group value with model ``src``'s entry copied to ``dst``: a copy of a (K,) value;
+    scalars are every model's already."""
+    if np.ndim(value) == 1:
+        value = np.array(value, copy=True)
+        value[dst] = value[src]
+    return value
 
 
 def _copy(value):

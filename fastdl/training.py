@@ -22,21 +22,30 @@ accuracies and hyperparameters are (K,).
 """
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import _validate, data, nn, optim, schedules
+from . import checkpoint as _checkpoint
 from .device import to_device, to_host
+from .dropout import Rows
 
 # name -> (class, default learning rate): the rates the digits network trains well with
 OPTIMIZERS = {"adam": (optim.Adam, 2e-3), "adamw": (optim.AdamW, 2e-3),
               "momentum": (optim.Momentum, 0.1), "rmsprop": (optim.RMSprop, 1e-3),
               "sgd": (optim.SGD, 0.05)}
-# the hyperparameters make_optimizer reads, besides lr and weight_decay
-BETA_NAMES = {"adam": ("beta1", "beta2"), "adamw": ("beta1", "beta2"), "momentum": ("beta",),
-              "rmsprop": ("beta",), "sgd": ()}
+# The hyperparameters make_optimizer takes, per optimizer: name -> (its param-group key, and
+# its index in the pair for Adam's betas, else None). RMSprop's "beta" is its alpha.
+_COMMON_KEYS = {"lr": ("lr", None), "weight_decay": ("weight_decay", None)}
+OPTIMIZER_KEYS = {"adam": {**_COMMON_KEYS, "beta1": ("betas", 0), "beta2": ("betas", 1)},
+                  "adamw": {**_COMMON_KEYS, "beta1": ("betas", 0), "beta2": ("betas", 1)},
+                  "momentum": {**_COMMON_KEYS, "beta": ("beta", None)},
+                  "rmsprop": {**_COMMON_KEYS, "beta": ("alpha", None)},
+                  "sgd": dict(_COMMON_KEYS)}
+OPTIMIZER_HYPER = {name: tuple(keys) for name, keys in OPTIMIZER_KEYS.items()}
 HIDDEN = (256, 128)
 LR_DECAY_RATE = 0.05  # lr0 / (1 + 0.05 * epoch)
 
@@ -63,34 +72,43 @@ class History:
 
 
 def build_network(n_in=64, hidden=HIDDEN, n_classes=10, dropout=0.1, seed=0,
-                  dtype=np.float32, device=None, population=None):
+                  dtype=np.float32, device=None, population=None, batchnorm_momentum=0.1,
+                  sync_batchnorm=False):
     """The demo network: per width in ``hidden`` a Linear (no bias) - BatchNorm - ReLU -
     Dropout(``dropout``) block, then a Linear output of ``n_classes`` logits; batch-first, an
     :class:`fastdl.nn.Sequential` (one flat parameter buffer).
 
-    Shapes: X (N, n_in) -> logits (N, n_classes). Layer i's weights are drawn from ``seed + i``,
-    its dropout masks from ``seed + 100 + i``.
+    Shapes: X (N, n_in) -> logits (N, n_classes). The layer at position i of the Sequential
+    draws from ``nn.spawn_seed(seed, i)`` (its weights, or its dropout masks), as
+    ``model.reset_model(k, seed)`` reseeds it.
 
-    ``population=K`` builds K models in one (logits (K, N, n_classes)); ``dropout`` may be K
-    rates and ``seed`` K seeds (default ``seed + k``); model k equals
-    ``build_network(dropout=dropout[k], seed=seed[k])``::
+    ``sync_batchnorm=True``: batch norm synchronized across the ranks of data-parallel
+    training (``nn.BatchNorm(sync=True)``).
+
+    ``population=K`` builds K models in one (logits (K, N, n_classes)); ``dropout`` and
+    ``batchnorm_momentum`` may be K values and ``seed`` K seeds (default ``seed + k``); model k
+    equals ``build_network(dropout=dropout[k], seed=seed[k], ...)``::
 
         model = build_network(population=4, dropout=[0.0, 0.1, 0.2, 0.3], seed=[0, 1, 2, 3])
     """
-    def seeds(offset):  # layer seeds from the model seed(s)
-        if population is None:
-            return seed + offset
-        model_seeds = [seed + k for k in range(population)] if np.ndim(seed) == 0 else seed
-        return [int(s) + offset for s in model_seeds]
+    model_seeds = [seed] if population is None else (
+        [seed + k for k in range(population)] if np.ndim(seed) == 0 else list(seed))
+    _validate.seed(model_seeds if population is not None else seed, "seed", population)
+
+    def seeds(position):  # the layer seed(s) at ``position``
+        layer_seeds = [nn.spawn_seed(int(s), position) for s in model_seeds]
+        return layer_seeds[0] if population is None else layer_seeds
 
     options = dict(dtype=dtype, device=device, population=population)
     layers, width = [], n_in
-    for i, units in enumerate(hidden):
-        layers += [nn.Linear(width, units, bias=False, seed=seeds(i), **options),
-                   nn.BatchNorm(units, **options), nn.ReLU(),
-                   nn.Dropout(dropout, seed=seeds(100 + i), population=population)]
+    for units in hidden:
+        position = len(layers)
+        layers += [nn.Linear(width, units, bias=False, seed=seeds(position), **options),
+                   nn.BatchNorm(units, momentum=batchnorm_momentum, sync=sync_batchnorm,
+                                **options), nn.ReLU(),
+                   nn.Dropout(dropout, seed=seeds(position + 3), population=population)]
         width = units
-    layers.append(nn.Linear(width, n_classes, seed=seeds(len(hidden)), **options))
+    layers.append(nn.Linear(width, n_classes, seed=seeds(len(layers)), **options))
     return nn.Sequential(*layers)
 
 
@@ -119,7 +137,7 @@ def make_optimizer(name, model, hyper=None, population=False):
     """
     _validate.option(name, "optimizer", tuple(OPTIMIZERS))
     hyper = dict(hyper or {})
-    known = ("lr", "weight_decay") + BETA_NAMES[name]
+    known = OPTIMIZER_HYPER[name]
     unknown = sorted(set(hyper) - set(known))
     if unknown:
         raise ValueError(f"hyper for {name} takes {known}; got unknown {unknown}")
@@ -147,13 +165,6 @@ def _eval_mode(model):
             model.train()
 
 
-def _labels(y, n_models):
-    """Labels (N,) as the loss of ``n_models`` models takes them: (K, N) for a population."""
-    if n_models is None:
-        return y
-    return np.ascontiguousarray(np.broadcast_to(y, (n_models, len(y))))
-
-
 def _quiet_overflow(n_models):
     # a diverging model of a population overflows: expected, and reported through
     # History.frozen; for one model it stays a warning
@@ -178,7 +189,7 @@ def evaluate(model, X, y, loss_fn=None):
     X = to_device(X)
     with _eval_mode(model), nn._kernel_threads(model, X, len(y)), _quiet_overflow(n_models):
         logits = model.forward(X)
-        loss = to_host(loss_fn.forward(logits, to_device(_labels(y, n_models))))
+        loss = to_host(loss_fn.forward(logits, to_device(y)))
     correct = np.argmax(to_host(logits), axis=-1) == y
     if n_models is None:
         return float(loss), float(np.mean(correct))
@@ -195,7 +206,7 @@ def accuracy(model, X, y):
 
 
 def train(model, splits, epochs=40, optimizer="adam", hyper=None, batch_size=64, seed=0,
-          patience=10, progress=None):
+          patience=10, progress=None, comm=None, checkpoint=None, watchdog=None):
     """Train one ``model`` on ``splits`` = ``((X_train, y_train), (X_dev, y_dev), test)`` (as
     :func:`fastdl.data.load_digits` gives them; the test split is not touched); returns a
     :class:`History` of floats.
@@ -207,46 +218,234 @@ def train(model, splits, epochs=40, optimizer="adam", hyper=None, batch_size=64,
     history)`` is called after each epoch::
 
         history = train(build_network(), splits, epochs=40, optimizer="adamw")
+
+    Data-parallel training (``comm``: a ``fastdl.distributed`` communicator, every rank
+    calling ``train`` on the same ``splits`` and a model built alike, batch norm with
+    ``sync=True``): each rank takes its rows of every global batch (``fastdl.data.
+    minibatches(rank=, world=)``), dropout keys its masks by global position, the loss's
+    gradient is scaled to the rank's share of the global mean (its rows / the batch's) and
+    one SUM-allreduce of the flat gradient buffer gives every rank the full gradient: the
+    ranks train the model one process trains on the whole batches (to float rounding; one
+    rank: bit for bit). Every rank evaluates the whole dev split.
+
+    ``checkpoint``: a file path; after every epoch the model, optimizer, early stopping and
+    history (rank 0 writes; atomically: ``fastdl.checkpoint``) are saved there, and a run that
+    finds one there continues from it, bit for bit as if never stopped. ``watchdog``: a
+    ``fastdl.distributed.Watchdog``, told of every step's progress.
     """
     _validate.integer(epochs, "epochs", minimum=1)
     if model_count(model) is not None:
         raise ValueError(f"train takes one model; got a population of {model_count(model)} "
                          f"models: use train_population")
     (X_train, y_train), (X_dev, y_dev), _ = splits
+    rank, world = (0, 1) if comm is None else (comm.rank, comm.size)
     opt = make_optimizer(optimizer, model, hyper)
     schedule = schedules.inverse_time(opt.lr, decay_rate=LR_DECAY_RATE)
     loss_fn, dev_loss_fn = nn.SoftmaxCrossEntropy(), nn.SoftmaxCrossEntropy()
     stopper = nn.EarlyStopping(model, patience=patience)
     grads = model.grads()
-    history = History()
-    for epoch in range(epochs):
+    history, first_epoch, stopped = History(), 0, False
+    if checkpoint is not None and os.path.exists(checkpoint):
+        first_epoch, stopped = _resume(_checkpoint.load(checkpoint), model, opt, stopper,
+                                       history)
+    n_examples = len(y_train)
+    for epoch in range(first_epoch, epochs):
+        if stopped:
+            break
         start = time.perf_counter()
         opt.lr = schedule(epoch)
-        total, seen = 0.0, 0
+        total = np.zeros(1)
         with nn._kernel_threads(model, grads[0], batch_size):
-            for X, y in data.minibatches(X_train, y_train, batch_size,
-                                         seed=seed * 1000 + epoch):
-                loss = loss_fn.forward(model.forward(to_device(X)), to_device(y))
-                model.backward(loss_fn.backward(), input_grad=False)
+            for b, (X, y) in enumerate(data.minibatches(
+                    X_train, y_train, batch_size, seed=seed * 1000 + epoch,
+                    **({} if world == 1 else dict(rank=rank, world=world)))):
+                where, share = {}, 1.0  # one process: the plain step, bit for bit
+                if world > 1:
+                    global_rows = min(batch_size, n_examples - b * batch_size)
+                    where = dict(rows=Rows(global_rows * rank // world, global_rows))
+                    share = len(y) / global_rows  # the local mean -> its share of the global
+                loss = loss_fn.forward(model.forward(to_device(X), **where), to_device(y))
+                model.backward(loss_fn.backward(share), input_grad=False)
+                if world > 1:
+                    comm.allreduce(model.flat_grads)
                 opt.step(grads)
-                total += float(to_host(loss)) * len(y)
-                seen += len(y)
+                if len(y):
+                    total += float(to_host(loss)) * len(y)
+                if watchdog is not None:
+                    watchdog.progress()
+        if world > 1:
+            comm.allreduce(total)
         seconds = time.perf_counter() - start
         dev_loss, dev_accuracy = evaluate(model, X_dev, y_dev, dev_loss_fn)
-        history.record(total / seen, dev_loss, dev_accuracy, opt.lr, seconds)
+        history.record(float(total[0]) / n_examples, dev_loss, dev_accuracy, opt.lr, seconds)
         if progress is not None:
             progress(epoch, history)
-        if stopper.step(dev_loss):
-            break
+        stopped = stopper.step(dev_loss)
+        if checkpoint is not None and rank == 0:
+            _checkpoint.save(checkpoint, {
+                "epoch": epoch + 1, "stopped": stopped, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "stopper": stopper.state_dict(),
+                "history": {name: list(getattr(history, name)) for name in HISTORY_FIELDS}})
     stopper.restore()
     return history
+
+
+# the entries of History a checkpoint keeps (epoch_seconds too: what the epochs took then)
+HISTORY_FIELDS = ("train_loss", "dev_loss", "dev_accuracy", "lr", "epoch_seconds")
+
+
+def _resume(state, model, opt, stopper, history):
+    """Load a checkpoint :func:`train` wrote into its model, optimizer, stopper and history;
+    returns (the next epoch, whether early stopping had ended the run)."""
+    _validate.entries(state, "checkpoint",
+                      ("epoch", "stopped", "model", "optimizer", "stopper", "history"))
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    stopper.load_state_dict(state["stopper"])
+    for name in HISTORY_FIELDS:
+        getattr(history, name).extend(state["history"][name])
+    return int(state["epoch"]), bool(state["stopped"])
+
+
+class Population:
+    """K models trained as one, an epoch at a time, whose models can start again between
+    epochs (a new configuration in a freed slot) or copy one another (population-based
+    training): what :func:`train_population` and :func:`fastdl.tune.optimize` run.
+
+    ``model``: built with ``population=K`` (e.g. ``build_network(population=K)``); ``splits``
+    as :func:`train`'s; ``hyper`` as :func:`make_optimizer`'s, each value a number or (K,)
+    values. Every model sees the same mini-batches (shuffled from ``seed * 1000 + epoch``,
+    ``epoch`` counting the population's epochs); model k's learning rate decays with its own
+    age, ``lr0[k] / (1 + 0.05 * age[k])``, age = epochs trained since it (re)started.
+    Model k at age a is the model :func:`train` would have after a epochs, fed the
+    population's batches since its start::
+
+        run = Population(build_network(population=16, seed=seeds), splits, "adam", hyper)
+        for epoch in range(10):
+            train_loss = run.train_epoch()             # (K,)
+            dev_loss, dev_accuracy = run.evaluate()    # (K,), (K,)
+            run.restart(3, seed=99, hyper={"lr": 1e-3})  # model 3 starts again
+    """
+
+    def __init__(self, model, splits, optimizer="adam", hyper=None, batch_size=64, seed=0):
+        self.n_models = model_count(model)
+        if self.n_models is None:
+            raise ValueError("Population takes a model built with population=K (e.g. "
+                             "build_network(population=K)); got a model of one: use train")
+        self.model, self.optimizer_name = model, optimizer
+        (self.X_train, self.y_train), (self.X_dev, self.y_dev), _ = splits
+        self.batch_size = _validate.integer(batch_size, "batch_size", minimum=1)
+        self.seed = _validate.integer(seed, "seed")
+        self.opt = make_optimizer(optimizer, model, hyper, population=True)
+        self.lr0 = np.broadcast_to(self.opt.lr, (self.n_models,)).astype(np.float64)
+        self.age = np.zeros(self.n_models, np.int64)
+        self.epoch = 0
+        self.frozen = np.zeros(self.n_models, bool)  # diverged: non-finite loss or gradients
+        self.loss_fn = nn.SoftmaxCrossEntropy(population=self.n_models)
+        self.dev_loss_fn = nn.SoftmaxCrossEntropy(population=self.n_models)
+        self._grads = model.grads()
+
+    def learning_rates(self):
+        """The (K,) learning rates of the next epoch: each model's own decay."""
+        return self.lr0 / (1 + LR_DECAY_RATE * self.age)
+
+    def train_epoch(self):
+        """One epoch of every model on the same mini-batches; returns the (K,) mean training
+        losses. A model whose loss or gradients turn non-finite is frozen (``frozen[k]``):
+        the optimizer's per-model non-finite skipping stops it, the others train on."""
+        self.opt.lr = self.learning_rates()
+        total, seen = np.zeros(self.n_models), 0
+        with nn._kernel_threads(self.model, self._grads[0], self.batch_size), \
+                _quiet_overflow(self.n_models):
+            for X, y in data.minibatches(self.X_train, self.y_train, self.batch_size,
+                                         seed=self.seed * 1000 + self.epoch):
+                loss = self.loss_fn.forward(self.model.forward(to_device(X)), to_device(y))
+                self.model.backward(self.loss_fn.backward(), input_grad=False)
+                self.frozen |= self.opt.step(self._grads).found_inf
+                total += to_host(loss).astype(np.float64) * len(y)
+                seen += len(y)
+        self.epoch += 1
+        self.age += 1
+        train_loss = total / seen
+        self.frozen |= ~np.isfinite(train_loss)
+        return train_loss
+
+    def evaluate(self):
+        """``(dev_loss, dev_accuracy)``, (K,) each, in eval mode on the dev split."""
+        return evaluate(self.model, self.X_dev, self.y_dev, self.dev_loss_fn)
+
+    def restart(self, k, seed, hyper=None):
+        """Model ``k`` starts again as a new model of seed ``seed`` (its layers reseeded as
+        ``build_network(seed=seed)``'s) with the hyperparameters ``hyper`` (names as
+        :func:`set_hyper`'s; those not given keep model k's values), its optimizer state,
+        step count and age back to 0. The other models are untouched."""
+        if hyper:
+            self.set_hyper(k, hyper)
+        self.model.reset_model(k, seed)
+        self.opt.reset_model(k)
+        self.age[k], self.frozen[k] = 0, False
+
+    def copy(self, src, dst):
+        """Model ``dst`` becomes a copy of model ``src``: parameters, statistics, dropout
+        stream, optimizer state and step count, hyperparameters and age."""
+        self.model.copy_model(src, dst)
+        self.opt.copy_model(src, dst)
+        self.lr0[dst], self.age[dst], self.frozen[dst] = \
+            self.lr0[src], self.age[src], self.frozen[src]
+
+    def set_hyper(self, k, hyper):
+        """Set model ``k``'s hyperparameters from ``hyper`` ({name: number}): the optimizer's
+        (``lr``, the initial rate; ``weight_decay``; ``beta1`` / ``beta2`` or ``beta``, as
+        :func:`make_optimizer`), ``dropout`` (every Dropout layer's rate) and
+        ``batchnorm_momentum`` (every BatchNorm layer's)."""
+        names = OPTIMIZER_HYPER[self.optimizer_name] + ("dropout", "batchnorm_momentum")
+        unknown = sorted(set(hyper) - set(names))
+        if unknown:
+            raise ValueError(f"hyper takes {names}; got unknown {unknown}")
+        values = {name: _validate.number(v, f"hyper[{name!r}]") for name, v in hyper.items()}
+        for name, value in values.items():
+            if name == "lr":
+                self.lr0[k] = value
+            elif name in ("dropout", "batchnorm_momentum"):
+                kind, attribute = ((nn.Dropout, "p") if name == "dropout"
+                                   else (nn.BatchNorm, "momentum"))
+                for layer in self.model.layers:
+                    if isinstance(layer, kind):
+                        setattr(layer, attribute,
+                                _with_model_value(getattr(layer, attribute), k, value,
+                                                  self.n_models))
+            else:
+                self._set_optimizer_value(k, name, value)
+
+    def _set_optimizer_value(self, k, name, value):
+        groups = self.opt.param_groups
+        if name == "weight_decay":  # the decayed group only (the first: the weights)
+            groups[0]["weight_decay"] = _with_model_value(groups[0]["weight_decay"], k, value,
+                                                          self.n_models)
+            return
+        key, index = OPTIMIZER_KEYS[self.optimizer_name][name]
+        for group in groups:
+            if index is None:
+                group[key] = _with_model_value(group[key], k, value, self.n_models)
+            else:
+                pair = list(group[key])
+                pair[index] = _with_model_value(pair[index], k, value, self.n_models)
+                group[key] = tuple(pair)
+
+
+def _with_model_value(current, k, value, n_models):
+    """A (K,) float64 copy of ``current`` (a number or (K,) values) with ``value`` at k."""
+    values = np.array(np.broadcast_to(current, (n_models,)), np.float64)
+    values[k] = value
+    return values
 
 
 def train_population(model, splits, hyper, epochs=10, optimizer="adam", batch_size=64,
                      seed=0, progress=None, population=None):
     """Train a population ``model`` of K models (every layer built with ``population=K``, e.g.
     ``build_network(population=K)``) on ``splits``, each on the mini-batches :func:`train`
-    would use with ``seed``; every operation is one call for all K models.
+    would use with ``seed``; every operation is one call for all K models (a
+    :class:`Population` run for ``epochs``).
 
     K is read from the model's layers (``population=K`` may say it too; a mismatch is a
     ValueError). ``hyper`` as :func:`make_optimizer`, each value a number or (K,) values; the
@@ -268,34 +467,16 @@ def train_population(model, splits, hyper, epochs=10, optimizer="adam", batch_si
     if population is not None and _validate.integer(population, "population", 1) != n_models:
         raise ValueError(f"population must be the model's number of models {n_models}; got "
                          f"{population}")
-    (X_train, y_train), (X_dev, y_dev), _ = splits
-    opt = make_optimizer(optimizer, model, hyper, population=True)
-    lr0 = np.broadcast_to(opt.lr, (n_models,)).astype(np.float64)  # one lr0 per model
-    schedule = schedules.inverse_time(lr0, decay_rate=LR_DECAY_RATE)
-    loss_fn = nn.SoftmaxCrossEntropy(population=n_models)
-    dev_loss_fn = nn.SoftmaxCrossEntropy(population=n_models)
-    grads = model.grads()
+    run = Population(model, splits, optimizer, hyper, batch_size, seed)
     history = History()
-    history.frozen = np.zeros(n_models, bool)
     for epoch in range(epochs):
+        lr = run.learning_rates()
         start = time.perf_counter()
-        opt.lr = schedule(epoch)
-        total, seen = np.zeros(n_models), 0
-        with nn._kernel_threads(model, grads[0], batch_size), _quiet_overflow(n_models):
-            for X, y in data.minibatches(X_train, y_train, batch_size,
-                                         seed=seed * 1000 + epoch):
-                loss = loss_fn.forward(model.forward(to_device(X)),
-                                       to_device(_labels(y, n_models)))
-                model.backward(loss_fn.backward(), input_grad=False)
-                info = opt.step(grads)
-                history.frozen |= info.found_inf
-                total += to_host(loss).astype(np.float64) * len(y)
-                seen += len(y)
+        train_loss = run.train_epoch()
         seconds = time.perf_counter() - start
-        dev_loss, dev_accuracy = evaluate(model, X_dev, y_dev, dev_loss_fn)
-        history.record(total / seen, dev_loss, dev_accuracy, np.array(opt.lr, copy=True),
-                       seconds)
-        history.frozen |= ~np.isfinite(history.train_loss[-1])
+        dev_loss, dev_accuracy = run.evaluate()
+        history.record(train_loss, dev_loss, dev_accuracy, lr, seconds)
         if progress is not None:
             progress(epoch, history)
+    history.frozen = run.frozen
     return history

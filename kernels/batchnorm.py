@@ -229,9 +229,8 @@ def plan(n_models, outer, channels, inner):
     k as it trains alone). Then the channels are split until there are ~4 items per thread
     (load balance) or nothing left to split. Plans are cached: a training loop asks for the
     same few shapes every step."""
-    n_threads = threads()
-    parallel = n_threads > 1 and n_models * outer * channels * inner >= config.PARALLEL_MIN_SIZE
-    return _plan(n_models, outer, channels, inner, parallel, n_threads)
+    parallel = config.use_parallel(n_models * outer * channels * inner)
+    return _plan(n_models, outer, channels, inner, parallel, threads())
 
 
 def _reduction_blocks(n, block):

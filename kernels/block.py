@@ -31,9 +31,10 @@ from .dropout import _chunk_end, _keep_cpu
 
 
 def _affine_relu_dropout_rows(x, items, mean, scale, shift, keys_low, keys_high, model_stride,
-                              thresholds, dscales, y):
+                              offset, thresholds, dscales, y):
     """x, y: (K, N, C); items (n, 3) = (model, first row, end row), as batch norm's rows plan.
-    Element (o, c) of model k has the dropout index k * model_stride + o * C + c."""
+    Element (o, c) of model k has the dropout index k * model_stride + offset + o * C + c
+    (``offset``: where the rows sit in a global batch, data-parallel training)."""
     n_channels = x.shape[2]
     for w in prange(items.shape[0]):
         k = items[w, 0]
@@ -42,7 +43,7 @@ def _affine_relu_dropout_rows(x, items, mean, scale, shift, keys_low, keys_high,
         zero = dscale - dscale
         for o in range(items[w, 1], items[w, 2]):
             xr, yr = x[k, o], y[k, o]
-            first = k * model_stride + o * n_channels
+            first = k * model_stride + offset + o * n_channels
             for c in range(n_channels):
                 v = (xr[c] - mu[c]) * s[c] + t[c]  # batch norm's affine
                 r = v if (v >= zero or v != v) else zero  # np.maximum(v, 0): NaN propagates
@@ -71,15 +72,16 @@ relu_dropout_grad_serial, relu_dropout_grad_parallel = cpu_kernel_pair(_relu_dro
 CHUNK = 65_536  # elements per work item, as dropout's
 
 
-def affine_relu_dropout(plan, x, mean, scale, shift, keys_low, keys_high, model_stride,
-                        thresholds, dscales, y):
+def affine_relu_dropout(plan, x, mean, scale, shift, keys_low, keys_high, model_stride, offset,
+                        run, run_stride, thresholds, dscales, y):
     """The forward pass over x and y viewed as ``plan.view_shape`` (K, N, C) (a rows plan of
     ``batchnorm.plan``); per-channel coefficients (K, C) and per-model dropout keys (int64),
-    thresholds (int64) and scales (x's dtype), as ``fastdl.dropout`` makes them."""
+    thresholds (int64) and scales (x's dtype), as ``fastdl.dropout`` makes them (a model's rows
+    are one run: ``run`` and ``run_stride`` are not needed)."""
     kernel = affine_relu_dropout_rows_parallel if plan.parallel \
         else affine_relu_dropout_rows_serial
-    kernel(x, plan.items, mean, scale, shift, keys_low, keys_high, model_stride, thresholds,
-           dscales, y)
+    kernel(x, plan.items, mean, scale, shift, keys_low, keys_high, model_stride, offset,
+           thresholds, dscales, y)
 
 
 def relu_dropout_grad(dy, y, n_models, dscales, dx):

@@ -18,6 +18,7 @@ Also here, because every kernel module imports this one before its decorators ru
 import math
 import os
 import sys
+import time
 import types
 import warnings
 
@@ -161,12 +162,32 @@ def threads():
     return get_num_threads()
 
 
+# OpenBLAS's threads spin for up to ~0.1 s after a matrix product before they sleep, holding
+# the cores: a parallel kernel launched in that window waits for them. Measured on 2 cores
+# (AMD EPYC): a parallel Adam step of 1e6 elements took 23 ms right after a (16, 64, 256) x
+# (16, 256, 128) product, 0.98 ms serially and 0.79 ms in parallel with BLAS asleep; of 1.6e7
+# elements 37 ms, 27 ms and 13 ms. fastdl's dense layers note their products
+# (:func:`note_blas_product`), and for BLAS_SPIN_SECONDS after one every launcher picks its
+# serial kernel: a training loop of fastdl layers steps its optimizer without fighting BLAS,
+# with no ``fastdl.cpu_threads(1)`` to remember.
+BLAS_SPIN_SECONDS = 0.2
+_last_blas_product = -math.inf
+
+
+def note_blas_product():
+    """Record that a BLAS product ran now (see BLAS_SPIN_SECONDS)."""
+    global _last_blas_product
+    _last_blas_product = time.perf_counter()
+
+
 def use_parallel(size):
     """Whether a kernel over ``size`` elements runs its parallel variant: at least
-    PARALLEL_MIN_SIZE elements and more than one thread to run on (with one, as beside BLAS
-    in ``fastdl.nn``, the serial variant does the same work without the pool's wake-up, and a
-    run that only ever needs it compiles half the kernels)."""
-    return size >= PARALLEL_MIN_SIZE and get_num_threads() > 1
+    PARALLEL_MIN_SIZE elements, more than one thread to run on (with one, as beside BLAS in
+    ``fastdl.nn``, the serial variant does the same work without the pool's wake-up, and a run
+    that only ever needs it compiles half the kernels), and no BLAS product of fastdl's layers
+    in the last BLAS_SPIN_SECONDS (its threads still hold the cores)."""
+    return (size >= PARALLEL_MIN_SIZE and get_num_threads() > 1
+            and time.perf_counter() - _last_blas_product > BLAS_SPIN_SECONDS)
 
 
 # -- fork safety --------------------------------------------------------------------------------

@@ -86,11 +86,20 @@ def _chunk_end(c, chunk, n):
     return end if end < n else n
 
 
-def forward_kernel(x, keys_low, keys_high, model_stride, thresholds, scales, chunk, y, mask):
-    """x, y, mask: (K, n) per-model rows. Element j of model k has index k * model_stride + j
-    under key k (model_stride = n with one key for all: the flat index; 0 with a key per model:
-    each model's own index). Keep it when its bits >= thresholds[k]; y = x * scales[k] where
-    kept, x * 0 where dropped (so inf * 0 = NaN, as x * mask * scale)."""
+@njit(inline="always")
+def _smaller(a, b):
+    return a if a < b else b
+
+
+def forward_kernel(x, keys_low, keys_high, model_stride, offset, run, run_stride, thresholds,
+                   scales, chunk, y, mask):
+    """x, y, mask: (K, n) per-model rows. Element j of model k has index
+    ``k * model_stride + offset + (j // run) * run_stride + j % run`` under key k: its position
+    in the array the mask is keyed on (model_stride = that array's per-model size with one key
+    for all: the flat index; 0 with a key per model: each model's own index; a local part of a
+    global batch sits at ``offset`` in runs of ``run`` elements ``run_stride`` apart; the
+    whole array is one run at offset 0). Keep it when its bits >= thresholds[k]; y = x *
+    scales[k] where kept, x * 0 where dropped (so inf * 0 = NaN, as x * mask * scale)."""
     n_models, n = x.shape
     chunks_per_model = (n + chunk - 1) // chunk
     for item in prange(n_models * chunks_per_model):
@@ -98,14 +107,18 @@ def forward_kernel(x, keys_low, keys_high, model_stride, thresholds, scales, chu
         threshold, scale = thresholds[k], scales[k]
         key_low, key_high = keys_low[k], keys_high[k]
         zero = scale - scale
-        lo, hi = c * chunk, _chunk_end(c, chunk, n)
-        # slices: an index numba cannot prove non-negative costs a wrap-around test
-        xs, ys, masks = x[k, lo:hi], y[k, lo:hi], mask[k, lo:hi]
-        first = k * model_stride + lo
-        for j in range(hi - lo):
-            keep = _keep_cpu(first + j, key_low, key_high, threshold)
-            masks[j] = keep
-            ys[j] = xs[j] * (scale if keep else zero)
+        j, hi = c * chunk, _chunk_end(c, chunk, n)
+        while j < hi:  # one segment of a run at a time: its indices are consecutive
+            q = j % run
+            end = _smaller(j + run - q, hi)
+            # slices: an index numba cannot prove non-negative costs a wrap-around test
+            xs, ys, masks = x[k, j:end], y[k, j:end], mask[k, j:end]
+            first = k * model_stride + offset + (j // run) * run_stride + q
+            for t in range(end - j):
+                keep = _keep_cpu(first + t, key_low, key_high, threshold)
+                masks[t] = keep
+                ys[t] = xs[t] * (scale if keep else zero)
+            j = end
 
 
 forward_serial, forward_parallel = cpu_kernel_pair(forward_kernel)
@@ -133,12 +146,13 @@ backward_serial, backward_parallel = cpu_kernel_pair(backward_kernel)
 CHUNK = 65_536  # elements per work item: a few per thread even at 1e6 elements
 
 
-def forward(x, n_models, keys_low, keys_high, model_stride, thresholds, scales, y, mask):
+def forward(x, n_models, keys_low, keys_high, model_stride, offset, run, run_stride,
+            thresholds, scales, y, mask):
     """The mask and y of x, each viewed as (K, n) rows (host arrays, as :func:`forward_kernel`
     says)."""
     kernel = forward_parallel if config.use_parallel(x.size) else forward_serial
-    kernel(x.reshape(n_models, -1), keys_low, keys_high, model_stride, thresholds, scales,
-           CHUNK, y.reshape(n_models, -1), mask.reshape(n_models, -1))
+    kernel(x.reshape(n_models, -1), keys_low, keys_high, model_stride, offset, run, run_stride,
+           thresholds, scales, CHUNK, y.reshape(n_models, -1), mask.reshape(n_models, -1))
 
 
 def backward(dy, mask, n_models, scales, dx):

@@ -18,15 +18,17 @@ I64 = types.int64
 _uniform_bits = device_function(uniform_bits)
 
 
-@kernel([(array(d), array(np.int64), array(np.int64), I64, array(np.int64), array(d), I64,
-          array(d), array(np.bool_)) for d in DTYPES])
-def dropout_forward_cuda(x, keys_low, keys_high, model_stride, thresholds, scales, per_model,
-                         y, mask):
-    """mask = bits of (k * model_stride + j, key k) >= thresholds[k] for element j of model k
-    (as kernels/dropout.py); y = x * scales[k] where kept, x * 0 where dropped."""
+@kernel([(array(d), array(np.int64), array(np.int64), I64, I64, I64, I64, array(np.int64),
+          array(d), I64, array(d), array(np.bool_)) for d in DTYPES])
+def dropout_forward_cuda(x, keys_low, keys_high, model_stride, offset, run, run_stride,
+                         thresholds, scales, per_model, y, mask):
+    """mask = bits of (k * model_stride + offset + (j // run) * run_stride + j % run, key k)
+    >= thresholds[k] for element j of model k (as kernels/dropout.py); y = x * scales[k] where
+    kept, x * 0 where dropped."""
     for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
         k = i // per_model
-        index = k * model_stride + i % per_model
+        j = i % per_model
+        index = k * model_stride + offset + (j // run) * run_stride + j % run
         keep = _uniform_bits(index, keys_low[k], keys_high[k]) >= thresholds[k]
         scale = scales[k]
         mask[i] = keep
@@ -44,11 +46,12 @@ def dropout_backward_cuda(dy, mask, scales, per_model, dx):
 # -- launchers (device arrays, checked by fastdl.dropout) ---------------------------------------
 
 
-def forward(x, keys_low, keys_high, model_stride, thresholds, scales, per_model, y, mask):
+def forward(x, keys_low, keys_high, model_stride, offset, run, run_stride, thresholds, scales,
+            per_model, y, mask):
     """One launch over flat device arrays (``per_model`` elements a model; keys, thresholds
     and scales (K,) device arrays): :func:`dropout_forward_cuda`."""
     launch(dropout_forward_cuda, -(-x.shape[0] // THREADS_PER_BLOCK), x, keys_low, keys_high,
-           model_stride, thresholds, scales, per_model, y, mask)
+           model_stride, offset, run, run_stride, thresholds, scales, per_model, y, mask)
 
 
 def backward(dy, mask, scales, per_model, dx):

@@ -42,3 +42,54 @@ def fail_hidden_skips(item, call, outcome):
             and "could not import" in str(report.longrepr)):
         report.outcome = "failed"
         report.longrepr = f"CI=true: a required module is missing: {report.longrepr}"
+
+
+class ThreadRanks:
+    """W "ranks" as threads of this process, for testing code written against
+    ``fastdl.distributed``'s communicator without MPI: ``run(fn)`` calls ``fn(comm)`` on W
+    threads, each with a communicator whose ``allreduce`` sums (in place, in rank order, the
+    same bits everywhere) what the W threads pass at the same point; returns the W results."""
+
+    def __init__(self, size):
+        import threading
+
+        self.size = size
+        self._barrier = threading.Barrier(size)
+        self._slots = [None] * size
+
+    def run(self, fn):
+        import threading
+
+        results, errors = [None] * self.size, []
+
+        def target(rank):
+            try:
+                results[rank] = fn(_ThreadComm(self, rank))
+            except BaseException as error:  # noqa: BLE001 (re-raised below)
+                errors.append(error)
+                self._barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+class _ThreadComm:
+    def __init__(self, ranks, rank):
+        self._ranks, self.rank, self.size = ranks, rank, ranks.size
+
+    def allreduce(self, array):
+        ranks = self._ranks
+        ranks._slots[self.rank] = array.copy()
+        ranks._barrier.wait()
+        total = ranks._slots[0].copy()
+        for other in ranks._slots[1:]:
+            total += other
+        ranks._barrier.wait()  # everyone has read the slots before they are reused
+        array[...] = total
+        return array

@@ -301,3 +301,78 @@ def relu_backward(dy, x):
 def tanh_backward(dy, y):
     """y = tanh(x): dx = dy * (1 - y**2)."""
     return dy * (1 - y * y)
+
+
+# -- low-precision optimizer state (SPEC.md) -----------------------------------------------------
+
+def bfloat16_bits(x):
+    """float32 -> bfloat16 bits (uint16): the upper half of the float32, rounded to the nearest,
+    ties to even; a NaN stays a NaN (its upper half, made quiet: rounding could carry a
+    signaling NaN's low payload into an infinity)."""
+    x = np.asarray(x, np.float32)
+    u = x.view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), ((u >> 16) | 0x40).astype(np.uint16), rounded)
+
+
+def bfloat16_value(bits):
+    """bfloat16 bits -> float32 (exact)."""
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def _linspace32(start, end, n):
+    """torch.linspace(start, end, n, dtype=torch.float32) on the CPU: the step in float32, each
+    value start + i * step (first half) or end - (n - 1 - i) * step rounded once (an FMA)."""
+    start, end = np.float32(start), np.float32(end)
+    step = (end - start) / np.float32(n - 1)
+    i = np.arange(n)
+    low = (np.float64(start) + np.float64(step) * i).astype(np.float32)
+    high = (np.float64(end) - np.float64(step) * (n - 1 - i)).astype(np.float32)
+    return np.where(i < n // 2, low, high)
+
+
+def dynamic_map(signed):
+    """bitsandbytes' ``create_dynamic_map(signed)`` (7 exponent bits, 8 bits in all), float32
+    (256,) sorted: per decimal exponent e = -6 .. 0, the midpoints of 2**e' + 1 points evenly
+    spaced in [0.1, 1] (e' = e + 6, or e + 7 unsigned) times 10**e, their negatives when
+    signed, then 0 and 1."""
+    data = []
+    for i in range(7):
+        n = 2 ** i + 1 if signed else 2 ** (i + 1) + 1
+        bounds = _linspace32(0.1, 1, n)
+        means = (bounds[:-1] + bounds[1:]) / np.float32(2)
+        scale = np.float32(10.0 ** (i - 6))
+        data += (scale * means).tolist()
+        if signed:
+            data += (-scale * means).tolist()
+    data += [0.0, 1.0]
+    return np.sort(np.array(data, np.float32))
+
+
+def nearest_code(scaled, code):
+    """Brute force: the index of the code nearest each value of ``scaled`` (float32), the
+    distance taken exactly (float64), ties to the lower index."""
+    distance = np.abs(np.asarray(scaled, np.float64)[..., None] - code.astype(np.float64))
+    return np.argmin(distance, axis=-1).astype(np.uint8)
+
+
+def quantize_blockwise(values, code, block=256):
+    """(codes uint8, absmax float32 per block): blocks of ``block`` consecutive values of the
+    flat float32 ``values``, each scaled by 1 / its absmax (0 for a block of zeros) and
+    clipped to [-1, 1], then rounded to the nearest code."""
+    values = np.asarray(values, np.float32).reshape(-1)
+    codes = np.empty(values.size, np.uint8)
+    absmax = np.empty(-(-values.size // block), np.float32)
+    for b in range(absmax.size):
+        part = values[b * block:(b + 1) * block]
+        absmax[b] = np.max(np.abs(part))
+        inverse = np.float32(1) / absmax[b] if absmax[b] > 0 else np.float32(0)
+        codes[b * block:(b + 1) * block] = nearest_code(
+            np.clip(part * inverse, np.float32(-1), np.float32(1)), code)
+    return codes, absmax
+
+
+def dequantize_blockwise(codes, absmax, code, block=256):
+    """float32 values: code[codes] * the block's absmax."""
+    codes = np.asarray(codes).reshape(-1)
+    return code[codes] * np.repeat(absmax, block)[:codes.size]

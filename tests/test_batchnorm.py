@@ -7,7 +7,7 @@ import pytest
 import fastdl as fd
 
 import reference
-from helpers import assert_close
+from helpers import ThreadRanks, assert_close
 
 FORWARD = {np.float32: dict(rtol=2e-4, atol=2e-5), np.float64: dict(rtol=1e-9, atol=1e-11)}
 GRADIENT = {np.float32: dict(rtol=2e-3, atol=2e-4), np.float64: dict(rtol=1e-9, atol=1e-11)}
@@ -270,3 +270,41 @@ def test_batchnorm_layer_uses_given_storage_and_steps_with_an_optimizer(rng):
     np.testing.assert_allclose(params[1], -0.1 * 50)  # dbeta = sum(dy) = 50
     with pytest.raises(ValueError, match="storage"):
         fd.nn.BatchNorm(4, storage=[np.zeros(3, np.float32), np.zeros(4, np.float32)])
+
+
+@pytest.mark.parametrize("world, n_rows", [(2, 16), (3, 7), (3, 2), (1, 5)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_synchronized_batch_norm_equals_one_process_on_the_whole_batch(world, n_rows, dtype):
+    """comm= (data-parallel training): each rank's rows normalized with the global batch's
+    statistics, dx from its global sums, running statistics the whole batch's (ranks as
+    threads here; tests/test_distributed.py runs the same under mpiexec)."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((n_rows, 4, 3)) * 2 + 1e2).astype(dtype)  # mean >> spread
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    gamma, beta = rng.uniform(0.5, 2, 4).astype(dtype), rng.standard_normal(4).astype(dtype)
+    want_y, *want_stats, saved = reference.batch_norm_forward(x, gamma, beta, np.zeros(4),
+                                                                 np.ones(4))
+    want_dx, want_dgamma, want_dbeta = reference.batch_norm_backward(dy, saved)
+    tol = FORWARD[dtype]
+
+    def rank(comm):
+        lo, hi = n_rows * comm.rank // world, n_rows * (comm.rank + 1) // world
+        stats = [np.zeros(4, dtype), np.ones(4, dtype)]
+        y, cache = fd.batch_norm_forward(np.ascontiguousarray(x[lo:hi]), gamma, beta, *stats,
+                                         comm=comm)
+        dx, dgamma, dbeta = fd.batch_norm_backward(np.ascontiguousarray(dy[lo:hi]), cache)
+        return y, dx, dgamma, dbeta, stats
+
+    results = ThreadRanks(world).run(rank)
+    np.testing.assert_allclose(np.concatenate([r[0] for r in results]), want_y, **tol)
+    np.testing.assert_allclose(np.concatenate([r[1] for r in results]), want_dx,
+                               **GRADIENT[dtype])
+    # dgamma, dbeta: each rank's own share, which the gradient allreduce adds up
+    np.testing.assert_allclose(sum(r[2].astype(np.float64) for r in results), want_dgamma,
+                               **GRADIENT[dtype])
+    np.testing.assert_allclose(sum(r[3].astype(np.float64) for r in results), want_dbeta,
+                               **GRADIENT[dtype])
+    for r in results:
+        for got, want, first in zip(r[4], want_stats, results[0][4]):
+            np.testing.assert_allclose(got, want, **tol)
+            np.testing.assert_array_equal(got, first)  # the same bits on every rank

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import fastdl as fd
+from fastdl.dropout import Rows
 from fastdl.kernels import dropout as kernels
 
 from reference import dropout as ref_dropout
@@ -177,3 +178,39 @@ def test_population_with_one_seed_per_model_draws_each_models_lone_mask(rng):
         fd.dropout_forward(x, rates, seed=[1, 2], population=True)
     with pytest.raises(TypeError, match="seed"):
         fd.dropout_forward(x[0], 0.5, seed=[1, 2])
+
+
+@pytest.mark.parametrize("shape, axis", [((10, 6), 0), ((6, 10), -1), ((10, 3, 4), 0),
+                                         ((3, 10, 2), 1)])
+@pytest.mark.parametrize("population", [None, "one-seed", "model-seeds"])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_rows_of_a_global_batch_draw_the_whole_batchs_masks(shape, axis, population, world):
+    """Data-parallel training: each rank's part of a global batch (rows=Rows(first, total,
+    axis)) gets the mask elements one call on the whole batch draws there, whatever W."""
+    rng = np.random.default_rng(0)
+    K = 3
+    full_shape = shape if population is None else (K,) + shape
+    x = rng.standard_normal(full_shape).astype(np.float32)
+    seed = 11 if population != "model-seeds" else [11, 12, 13]
+    p = 0.4 if population is None else np.array([0.2, 0.5, 0.7])
+    options = dict(population=population is not None)
+    _, whole = fd.dropout_forward(x, p, seed, **options)
+    n = shape[axis]
+    ex_axis = (axis % len(shape)) + (population is not None)
+    parts = []
+    for r in range(world):
+        first, end = r * n // world, (r + 1) * n // world
+        part = np.ascontiguousarray(np.take(x, range(first, end), axis=ex_axis))
+        _, mask = fd.dropout_forward(part, p, seed, rows=Rows(first, n, axis), **options)
+        parts.append(mask)
+    np.testing.assert_array_equal(np.concatenate(parts, axis=ex_axis), whole)
+
+
+def test_bad_rows_are_clear_errors():
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match="do not fit a batch of rows.total=5"):
+        fd.dropout_forward(x, 0.5, 0, rows=Rows(2, 5))
+    with pytest.raises(TypeError, match="rows must be a Rows"):
+        fd.dropout_forward(x, 0.5, 0, rows=3)
+    with pytest.raises(ValueError, match="rows.first must be >= 0"):
+        fd.dropout_forward(x, 0.5, 0, rows=Rows(-1, 5))

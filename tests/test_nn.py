@@ -313,3 +313,24 @@ def test_backward_without_the_input_gradient_writes_the_same_parameter_gradients
         grads.append([g.copy() for g in model.grads()])
     for a, b in zip(*grads):
         np.testing.assert_array_equal(a, b)
+
+
+def test_kernels_run_serially_while_blas_threads_spin_after_a_layers_product(monkeypatch):
+    """An optimizer step right after a backward of fastdl's layers runs its serial kernel
+    (BLAS's threads still hold the cores: kernels/config.py), without fd.cpu_threads(1)."""
+    import numba
+
+    from fastdl.kernels import config
+
+    if numba.get_num_threads() < 2:
+        pytest.skip("one thread: every kernel runs serially anyway")
+    small, large = nn.Linear(64, 64, seed=0), nn.Linear(1024, 1024, seed=0)
+    opt = fd.optim.Adam([np.zeros(1 << 20, np.float32)])
+    monkeypatch.setattr(config, "_last_blas_product", -np.inf)
+    assert config.use_parallel(1 << 20) and opt._ops._parallel_now()
+    small.forward(np.ones((8, 64), np.float32))  # fastdl's own product kernel: no BLAS pool
+    assert config.use_parallel(1 << 20)
+    large.forward(np.ones((32, 1024), np.float32))  # 2**25 multiply-adds: BLAS
+    assert not config.use_parallel(1 << 20) and not opt._ops._parallel_now()
+    monkeypatch.setattr(config, "BLAS_SPIN_SECONDS", 0.0)
+    assert config.use_parallel(1 << 20)

@@ -500,7 +500,7 @@ def test_patch_replaces_exact_classes_and_keeps_everything():
     assert fdt.patch(model) is model
     assert [type(m) for m in model] == [fdt.BatchNorm1d, nn.Sequential, fdt.BatchNorm3d,
                                         fdt.Dropout, fdt.CrossEntropyLoss, MyBatchNorm,
-                                        nn.SyncBatchNorm, fdt.Dropout]
+                                        fdt.SyncBatchNorm, fdt.Dropout]
     assert type(model[1][0]) is fdt.BatchNorm2d
     assert model[7] is fastdl_dropout and fastdl_dropout.index == index  # left alone
     assert all(t is tensors[name] for name, t in model.state_dict(keep_vars=True).items())

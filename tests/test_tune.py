@@ -103,7 +103,13 @@ def splits():
 
 def test_population_model_k_equals_a_separate_run_of_model_k(splits):
     population = training.build_network(population=3, dropout=DROPOUT, seed=SEEDS)
-    history = training.train_population(population, splits, HYPER, epochs=2, seed=1)
+    snapshots = []  # the parameters after each epoch: train() keeps its best epoch's
+
+    def snapshot(epoch, history):
+        snapshots.append([p.copy() for p in population.params()])
+
+    history = training.train_population(population, splits, HYPER, epochs=2, seed=1,
+                                        progress=snapshot)
     assert not history.frozen.any()
     for k in range(3):
         alone = training.build_network(dropout=float(DROPOUT[k]), seed=SEEDS[k])
@@ -113,7 +119,8 @@ def test_population_model_k_equals_a_separate_run_of_model_k(splits):
                                    rtol=1e-4)
         np.testing.assert_allclose([h[k] for h in history.dev_loss], separate.dev_loss,
                                    rtol=1e-4)
-        for p_population, p_alone in zip(population.params(), alone.params()):
+        best_epoch = int(np.argmin(separate.dev_loss))
+        for p_population, p_alone in zip(snapshots[best_epoch], alone.params()):
             np.testing.assert_allclose(p_population[k], p_alone, rtol=1e-4, atol=1e-5)
 
 

@@ -41,10 +41,10 @@ def machine_description():
            f"{versions}"
 
 
-def select_device(name, program):
+def select_device(name, program, announce=True):
     """Select device ``name`` ("auto", "cpu", "cuda") for a command and say which it is (the
-    command's first line: ``device: cpu (<machine>)``); None, with the reason on stderr, when
-    a GPU was asked for and none is usable."""
+    command's first line: ``device: cpu (<machine>)``, when ``announce``); None, with the
+    reason on stderr, when a GPU was asked for and none is usable."""
     set_device(name)
     device = get_device()
     if device == "cuda":
@@ -53,7 +53,8 @@ def select_device(name, program):
         except RuntimeError as error:
             print(f"{program}: {error}", file=sys.stderr)
             return None
-    print(f"device: {device} ({machine_description()})", flush=True)
+    if announce:
+        print(f"device: {device} ({machine_description()})", flush=True)
     return device
 
 

@@ -10,6 +10,7 @@ accuracy.
 """
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -152,51 +153,91 @@ def run(argv=None):
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--optimizer", default="adam", choices=sorted(training.OPTIMIZERS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--patience", type=int, default=10, help="early stopping: epochs "
+                        "without a better dev loss (default: 10)")
     parser.add_argument("--out", default="fastdl-demo",
                         help="folder for the PNG of the curves (default: fastdl-demo)")
     parser.add_argument("--compare", action="store_true",
                         help="also train the NumPy textbook version and compare")
     parser.add_argument("--no-progress", action="store_true", help="a line per epoch instead "
                         "of a progress bar")
+    parser.add_argument("--data-parallel", action="store_true", help="train on the ranks of "
+                        "mpiexec -n W (fastdl.distributed; the mpi extra)")
+    parser.add_argument("--checkpoint", metavar="DIR", help="save the run every epoch to "
+                        "DIR/checkpoint.npz, and continue from it when it is there")
+    parser.add_argument("--timeout", type=float, default=120.0, help="data-parallel: end the "
+                        "job when a rank makes no progress for this long (default: 120 s)")
     args = parser.parse_args(argv)
-    if args.epochs < 1:
-        parser.error("--epochs must be >= 1")
-    device = select_device(args.device, "fastdl demo")
+    if args.epochs < 1 or args.patience < 1:
+        parser.error("--epochs and --patience must be >= 1")
+    if args.timeout <= 0:
+        parser.error("--timeout must be > 0")
+    comm = None
+    if args.data_parallel:
+        from .. import distributed
+
+        comm = distributed.init()
+        distributed.excepthook_aborts()  # a failing rank ends the job, naming itself
+    root = comm is None or comm.rank == 0
+    say = print if root else (lambda *a, **k: None)
+    device = select_device(args.device, "fastdl demo", announce=root)
     if device is None:
         return 2
+    if comm is not None:
+        say(f"data-parallel: {comm.size} ranks ({comm.describe()}), the global batch of 64 "
+            f"split between them", flush=True)
     finish_compile = lambda: None  # noqa: E731
-    if device == "cpu":  # started before loading the digits, which the other process overlaps
+    if device == "cpu" and root:  # started before loading the digits, which it overlaps
         finish_compile = compile_ahead(demo_kernels(args.optimizer), COMPILE_SECONDS,
                                        compile_layers, compile_loss_and_step, args.optimizer)
     splits = data.load_digits(args.seed)
     (X_train, y_train), (X_dev, y_dev), (X_test, y_test) = splits
-    print(f"digits: {len(y_train)} train, {len(y_dev)} dev, {len(y_test)} test examples of 64 "
-          f"pixels; network 64-{'-'.join(map(str, training.HIDDEN))}-10, {args.optimizer}",
-          flush=True)
+    say(f"digits: {len(y_train)} train, {len(y_dev)} dev, {len(y_test)} test examples of 64 "
+        f"pixels; network 64-{'-'.join(map(str, training.HIDDEN))}-10, {args.optimizer}",
+        flush=True)
     compile_seconds = finish_compile()
     if compile_seconds is not None:
-        print(f"compiled in {compile_seconds:.1f} s", flush=True)
-    model = training.build_network(seed=args.seed, device=device)
-    report, close = progress_bar(args.epochs, not args.no_progress)
+        say(f"compiled in {compile_seconds:.1f} s", flush=True)
+    if comm is not None:
+        comm.barrier()  # the other ranks load what rank 0 compiled
+    model = training.build_network(seed=args.seed, device=device,
+                                   sync_batchnorm=comm is not None)
+    checkpoint = None
+    if args.checkpoint is not None:
+        os.makedirs(args.checkpoint, exist_ok=True)
+        checkpoint = os.path.join(args.checkpoint, "checkpoint.npz")
+        if os.path.exists(checkpoint):
+            say(f"continuing from {checkpoint}", flush=True)
+    report, close = progress_bar(args.epochs, root and not args.no_progress)
+    if not root:
+        report = None
     start = time.perf_counter()
-    history = training.train(model, splits, args.epochs, args.optimizer, seed=args.seed,
-                             progress=report)
+    with contextlib.ExitStack() as stack:
+        watchdog = None
+        if comm is not None:
+            from .. import distributed
+
+            watchdog = stack.enter_context(distributed.Watchdog(args.timeout, "training"))
+        history = training.train(model, splits, args.epochs, args.optimizer, seed=args.seed,
+                                 patience=args.patience, progress=report, comm=comm,
+                                 checkpoint=checkpoint, watchdog=watchdog)
     total = time.perf_counter() - start
     close()
     train_accuracy = training.accuracy(model, X_train, y_train)
     dev_accuracy = training.accuracy(model, X_dev, y_dev)
-    print(f"train accuracy: {train_accuracy:.3f}  dev accuracy: {dev_accuracy:.3f}")
-    print("diagnosis: " + diagnosis(1 - train_accuracy, 1 - dev_accuracy))
+    say(f"train accuracy: {train_accuracy:.3f}  dev accuracy: {dev_accuracy:.3f}")
+    say("diagnosis: " + diagnosis(1 - train_accuracy, 1 - dev_accuracy))
     seconds = history.epoch_seconds
-    print(f"time: {total:.2f} s for {len(seconds)} epochs; first epoch {seconds[0]:.3f} s, "
-          f"then {np.median(seconds[1:] or seconds) * 1e3:.1f} ms per epoch")
-    if args.compare:
+    say(f"time: {total:.2f} s for {len(seconds)} epochs; first epoch {seconds[0]:.3f} s, "
+        f"then {np.median(seconds[1:] or seconds) * 1e3:.1f} ms per epoch")
+    if args.compare and root:
         compare(splits, args.epochs, args.seed, np.median(seconds[1:] or seconds))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "curves.png")
-    plot(history, path)
-    print(f"curves: {path}")
-    print(f"test accuracy: {training.accuracy(model, X_test, y_test):.3f}")
+    if root:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "curves.png")
+        plot(history, path)
+        say(f"curves: {path}")
+    say(f"test accuracy: {training.accuracy(model, X_test, y_test):.3f}")
     return 0
 
 

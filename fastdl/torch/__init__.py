@@ -16,6 +16,7 @@ from .nn import BatchNorm2d as BatchNorm2d
 from .nn import BatchNorm3d as BatchNorm3d
 from .nn import CrossEntropyLoss as CrossEntropyLoss
 from .nn import Dropout as Dropout
+from .nn import SyncBatchNorm as SyncBatchNorm
 from .nn import cross_entropy as cross_entropy
 from .nn import patch as patch
 from .optim import SGD as SGD

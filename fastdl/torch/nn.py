@@ -61,13 +61,15 @@ class BatchNormFunction(torch.autograd.Function):
     held constant). ``pool``: where the outputs come from (a :class:`BufferPool`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, pool):
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, pool,
+                comm=None):
         view, k = kernel_layout(x, 1)
         y, out = pool.output(view.shape, x.dtype, x, k, 1)
         _, cache = batch_norm_forward(array(view), _array_or_none(weight),
                                       _array_or_none(bias), _array_or_none(running_mean),
                                       _array_or_none(running_var), training=training,
-                                      momentum=momentum, eps=eps, channel_axis=k, out=out)
+                                      momentum=momentum, eps=eps, channel_axis=k, out=out,
+                                      comm=comm)
         # x is saved through autograd (an in-place change of it before backward is torch's
         # error), not in the cache, which backward gets back with x restored
         ctx.save_for_backward(view)
@@ -85,7 +87,8 @@ class BatchNormFunction(torch.autograd.Function):
                                                out=out)
         needs = ctx.needs_input_grad
         return (dx if needs[0] else None, tensor(dgamma, view) if needs[1] else None,
-                tensor(dbeta, view) if needs[2] else None, None, None, None, None, None, None)
+                tensor(dbeta, view) if needs[2] else None, None, None, None, None, None, None,
+                None)
 
 
 class _FastBatchNorm:
@@ -98,6 +101,10 @@ class _FastBatchNorm:
 
     def _fastdl_setup(self):
         self._pool = BufferPool()
+
+    def _comm(self):
+        """What the batch statistics are reduced over: nothing (SyncBatchNorm: its group)."""
+        return None
 
     def forward(self, input):
         """As ``torch.nn.BatchNorm*d.forward``: in training, batch statistics, and the running
@@ -118,7 +125,8 @@ class _FastBatchNorm:
         y = BatchNormFunction.apply(input, self.weight, self.bias,
                                     self.running_mean if use_stats else None,
                                     self.running_var if use_stats else None, bn_training,
-                                    momentum, self.eps, self._pool)
+                                    momentum, self.eps, self._pool,
+                                    self._comm() if bn_training else None)
         if track:
             self.num_batches_tracked.add_(1)
         return y
@@ -136,6 +144,75 @@ class BatchNorm2d(_FastBatchNorm, torch.nn.BatchNorm2d):
 class BatchNorm3d(_FastBatchNorm, torch.nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` (inputs (N, C, D, H, W), contiguous or channels_last_3d)
     on fastdl's kernels."""
+
+
+class TorchDistributedComm:
+    """A ``torch.distributed`` process group as fastdl's batch norm takes it (``comm=``):
+    ``size`` and an in-place SUM ``allreduce`` of host float64 arrays, the same bits on every
+    rank (two ranks add a + b, commutative; more reduce to the group's first rank and
+    broadcast, since a ring allreduce adds in another order on each rank). CPU tensors over
+    the NumPy arrays, no copy; gloo."""
+
+    def __init__(self, group=None):
+        import torch.distributed as dist
+
+        self.dist, self.group = dist, group
+        self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self._root = dist.get_global_rank(group, 0) if group is not None else 0
+
+    def allreduce(self, array):
+        t = torch.from_numpy(array)  # the same memory
+        if self.size == 2:
+            self.dist.all_reduce(t, group=self.group)
+        elif self.size > 2:
+            self.dist.reduce(t, dst=self._root, group=self.group)
+            self.dist.broadcast(t, src=self._root, group=self.group)
+        return array
+
+
+class SyncBatchNorm(_FastBatchNorm, torch.nn.modules.batchnorm._BatchNorm):
+    """``torch.nn.SyncBatchNorm`` on fastdl's kernels, on the CPU (which PyTorch 2.13's own
+    refuses: "SyncBatchNorm expected input tensor to be on GPU"): in training, the statistics
+    of the batch over every rank of ``process_group`` (default: the whole world of
+    ``torch.distributed``, gloo), one allreduce of per-channel float64 sums in forward and one
+    in backward, as fastdl's synchronized batch norm (``fastdl.batchnorm``); alone (no process
+    group, or one rank) the plain batch norm. Inputs (N, C, ...) as any BatchNorm*d; a
+    ``DistributedDataParallel`` model with it trains like one process on the whole batch (it
+    is not a ``torch.nn.SyncBatchNorm`` subclass: DDP refuses those on the CPU)::
+
+        model = fastdl.torch.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
+                         dtype=dtype)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _comm(self):
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        comm = TorchDistributedComm(self.process_group)
+        return comm if comm.size > 1 else None
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None):
+        """``module`` with every ``torch.nn`` (or fastdl) BatchNorm1d / 2d / 3d made a fastdl
+        SyncBatchNorm of ``process_group``, in place (the same Parameters and buffers), as
+        ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``; returns ``module``."""
+        for m in module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, cls):
+                m.__class__ = cls
+                m.process_group = process_group
+                m._fastdl_setup()
+        return module
 
 
 # -- cross-entropy ------------------------------------------------------------------------------
@@ -363,15 +440,16 @@ class Dropout(torch.nn.Dropout):
 # -- patch --------------------------------------------------------------------------------------
 
 _REPLACEMENTS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,
-                 torch.nn.BatchNorm3d: BatchNorm3d, torch.nn.Dropout: Dropout,
-                 torch.nn.CrossEntropyLoss: CrossEntropyLoss}
+                 torch.nn.BatchNorm3d: BatchNorm3d, torch.nn.SyncBatchNorm: SyncBatchNorm,
+                 torch.nn.Dropout: Dropout, torch.nn.CrossEntropyLoss: CrossEntropyLoss}
 
 
 def patch(model):
-    """Make every ``torch.nn.BatchNorm1d / 2d / 3d``, ``Dropout`` and ``CrossEntropyLoss`` in
-    ``model`` (``model`` itself included, recursively) fastdl's; returns ``model``.
+    """Make every ``torch.nn.BatchNorm1d / 2d / 3d``, ``SyncBatchNorm``, ``Dropout`` and
+    ``CrossEntropyLoss`` in ``model`` (``model`` itself included, recursively) fastdl's;
+    returns ``model``.
 
-    Only those exact classes are replaced (not subclasses, fastdl's own, nor SyncBatchNorm).
+    Only those exact classes are replaced (not subclasses, nor fastdl's own).
     Each module object stays where it is and only its class changes, to fastdl's subclass:
     its Parameters and buffers (the very objects, so an optimizer made before still holds
     them), options, training mode and hooks are untouched.

@@ -47,3 +47,19 @@ def test_mask_on_the_host_is_an_error():
     _, mask = fd.dropout_forward(np.ones((4, 3), np.float32), 0.5, seed=1)
     with pytest.raises(TypeError, match="one device"):
         fd.dropout_backward(x, mask, 0.5)
+
+
+@pytest.mark.parametrize("shape, axis", [((6, 5), 0), ((5, 6), -1)])
+def test_rows_of_a_global_batch_match_the_cpu(shape, axis):
+    """Data-parallel rows (fastdl.dropout.Rows) index the same global positions on the GPU."""
+    from fastdl.dropout import Rows
+
+    x = np.random.default_rng(6).standard_normal(shape).astype(np.float32)
+    first, end = 2, 5
+    part = np.ascontiguousarray(np.take(x, range(first, end), axis=axis))
+    rows = Rows(first, shape[axis], axis)
+    _, mask = fd.dropout_forward(cuda.to_device(part), 0.5, seed=3, rows=rows)
+    _, cpu_mask = fd.dropout_forward(part, 0.5, seed=3, rows=rows)
+    np.testing.assert_array_equal(mask.copy_to_host(), cpu_mask)
+    _, whole = fd.dropout_forward(x, 0.5, seed=3)
+    np.testing.assert_array_equal(cpu_mask, np.take(whole, range(first, end), axis=axis))
