@@ -52,13 +52,17 @@ def main(path):
                     _ratio(t, others[0]) for t in others[1:]]
                 print("| " + " | ".join(cells) + " |")
         print()
-    if ("population_16", "fastdl-population") in times:
-        population = times["population_16", "fastdl-population"]
-        print("| 16 demo networks, 10 epochs on the digits | time | population is faster by |")
-        print("|---|---:|---:|")
+    sizes = [k for k in (16, 64) if (f"population_{k}", "fastdl-population") in times]
+    if sizes:
+        print("| K demo networks, 10 epochs on the digits | "
+              + " | ".join(f"K = {k} | population is faster by" for k in sizes) + " |")
+        print("|---|" + "---:|---:|" * len(sizes))
         for implementation in cases.POPULATION_IMPLEMENTATIONS:
-            t = times.get(("population_16", implementation))
-            print(f"| {implementation} | {_ms(t)} | {_ratio(t, population)} |")
+            cells = []
+            for k in sizes:
+                t = times.get((f"population_{k}", implementation))
+                cells += [_ms(t), _ratio(t, times[f"population_{k}", "fastdl-population"])]
+            print(f"| {implementation} | " + " | ".join(cells) + " |")
         print()
     if any(key in moved for key in cases.TORCH_CASES):
         print("| through autograd / optimizer.step() | fastdl.torch | torch | vs torch | "

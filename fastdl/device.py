@@ -139,9 +139,11 @@ def cpu_threads(n):
     Why: next to NumPy's matrix products the two thread pools fight over the cores. OpenBLAS's
     threads spin for a while after each product, and a parallel fastdl kernel launched then
     waits for them: on 2 cores a training step of ``fastdl.nn`` layers ran 35x slower.
-    ``Sequential`` runs its forward and backward in ``cpu_threads(1)``, leaving the cores to
-    BLAS, and for 0.2 s after a product of fastdl's layers every kernel (an optimizer step
-    included) runs serially anyway (``fastdl.kernels.config.BLAS_SPIN_SECONDS``).
+    ``Sequential`` runs one model's forward and backward in ``cpu_threads(1)``, leaving the
+    cores to BLAS, and for 0.2 s after a BLAS product of fastdl's layers every kernel (an
+    optimizer step included) runs serially anyway (``fastdl.kernels.config.BLAS_SPIN_SECONDS``).
+    (A population whose products are fastdl's own kernels, kernels/dense.py, has no BLAS pool
+    beside it: ``Sequential`` and ``fastdl.training`` leave its kernels every core.)
     """
     import numba
 

@@ -6,6 +6,7 @@
   with the same results.
 * An installation with no writable cache directory compiles in memory with one warning instead
   of failing with numba's "cannot cache function ...: no locator available".
+* A shared machine: GNU OpenMP's threads spin briefly before they sleep (GOMP_SPINCOUNT).
 """
 
 import os
@@ -212,3 +213,17 @@ def test_demo_kernels_are_registered_names():
 
     common.compile_notice((), 1)  # imports the kernel modules, which register their kernels
     assert set(demo.DEMO_KERNELS) <= set(config.REGISTRY)
+
+
+@pytest.mark.parametrize("given, kept", [(None, "10000"), ("250", "250")])
+def test_gnu_openmp_spins_briefly_unless_the_user_says(given, kept):
+    """kernels/config.py shortens GNU OpenMP's spin (GOMP_SPINCOUNT) before numba's OpenMP
+    layer starts: with the default, a population trained 36x slower beside one busy process;
+    a value already set is the user's."""
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if given is not None:
+        env["GOMP_SPINCOUNT"] = given
+    code = "import os, fastdl.kernels.config; print(os.environ['GOMP_SPINCOUNT'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    assert out.stdout.strip() == kept
