@@ -55,22 +55,24 @@ def _tiny_batch(rows=8):
 
 
 def _products_and_norm():
-    """Compile the products kernel and batch norm's (rows layout, training and eval)."""
+    """Compile the products and transpose kernels and batch norm's (rows layout, training
+    and eval)."""
     from fastdl import batch_norm_backward, batch_norm_forward
     from fastdl.kernels import dense
 
     X, _ = _tiny_batch()
     dense.matmul(X, X, np.empty((1, len(X), len(X)), np.float32))
+    dense.transpose_serial(X[None], np.empty((1,) + X.T.shape, X.dtype))
     c = np.ones(X.shape[1], np.float32)
     y, cache = batch_norm_forward(X, c, c, c.copy(), c.copy())
     batch_norm_backward(y, cache)
     batch_norm_forward(X, c, c, c, c, training=False)
 
 
-def _block_and_transpose():
-    """Compile the fused BatchNorm - ReLU - Dropout kernels and the transpose."""
+def _fused_block():
+    """Compile the fused BatchNorm - ReLU - Dropout kernels."""
     from fastdl import dropout
-    from fastdl.kernels import batchnorm, block, dense
+    from fastdl.kernels import batchnorm, block
 
     X, _ = _tiny_batch()
     _, _, draw = dropout.mask_draw(X, 0.1, 0, False)
@@ -78,28 +80,23 @@ def _block_and_transpose():
     block.affine_relu_dropout(batchnorm.plan(1, *X.shape, 1), X[None], coefficients,
                               coefficients, coefficients, *draw, np.empty_like(X)[None])
     block.relu_dropout_grad(X, X, 1, draw.scales, np.empty_like(X))
-    dense.transpose_serial(X[None], np.empty_like(X.T)[None])
 
 
 def compile_layers(optimizer):
-    """The products and batch-norm kernels, then the demo network's forward (training and
-    eval mode) and backward on a tiny batch, single-threaded as in training."""
-    model = training.build_network()
-    X, _ = _tiny_batch()
+    """The products, transpose and batch norm kernels (training and eval mode),
+    single-threaded as in training. Not a forward of the network: that would compile the fused
+    block's kernels here too, which :func:`compile_loss_and_step` compiles beside."""
     with cpu_threads(1):
         _products_and_norm()
-        model.backward(np.ones_like(model.forward(X)), input_grad=False)
-        model.eval()
-        model.forward(X)
 
 
 def compile_loss_and_step(optimizer):
-    """The fused block and transpose kernels, then the loss and one ``optimizer`` step of the
+    """The fused block's kernels, then the loss and one ``optimizer`` step of the
     demo network on a tiny batch, single-threaded as in training."""
     model = training.build_network()
     X, y = _tiny_batch()
     with cpu_threads(1):
-        _block_and_transpose()
+        _fused_block()
         loss_fn = nn.SoftmaxCrossEntropy()
         loss_fn.forward(np.zeros((len(y), 10), np.float32), y)
         loss_fn.backward()
