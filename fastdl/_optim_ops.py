@@ -1,7 +1,7 @@
 """The optimizers' ops (``fastdl._dispatch``'s pattern): where the params live decides how a
 step runs. ``OptimCpu`` drives the ``kernels/optim.py`` kernels by address, ``OptimCuda``
 launches ``kernels/optim_cuda.py``. Both work from the same chunk tables (rows laid out as
-``kernels.optim.CHUNK``: ptr, model, row, lo, hi, state) and offer the optimizer the same few
+``kernels.optim.CHUNK``: ptr, model, row, lo, hi, state, flat) and offer the optimizer the same few
 operations.
 """
 
@@ -14,18 +14,20 @@ from ._dispatch import CudaOps, HostOps
 from .device import is_device_array
 
 
-def segments(sizes, tensor_groups, n_models):
-    """One chunk-table row (tensor, model, row, lo, hi, state) per tensor and model: model k
-    of tensor j is elements [k*n, (k+1)*n) of it (n = size / K), and its state sits at the
-    tensor's offset."""
+def segments(sizes, tensor_groups, n_models, state_offset=None):
+    """One chunk-table row (tensor, model, row, lo, hi, state, flat) per tensor and model:
+    model k of tensor j is elements [k*n, (k+1)*n) of it (n = size / K), at ``flat`` in all
+    params laid end to end; its state sits at ``state_offset(j, k)`` (default: ``flat``)."""
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     rows = []
     for j, size in enumerate(sizes):
         per_model = int(size) // n_models
         for k in range(n_models):
             lo = k * per_model
-            rows.append([j, k, tensor_groups[j] * n_models + k, lo, lo + per_model,
-                         int(offsets[j]) + lo])
+            flat = int(offsets[j]) + lo
+            state = flat if state_offset is None else state_offset(j, k)
+            rows.append([j, k, tensor_groups[j] * n_models + k, lo, lo + per_model, state,
+                         flat])
     return rows
 
 
@@ -34,22 +36,24 @@ def merged(rows, sizes):
     neighbours of the same coefficient row joined."""
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     out = []
-    for j, k, row, lo, hi, _ in rows:
+    for j, k, row, lo, hi, _, _ in rows:
         start = int(offsets[j]) + lo
         if out and out[-1][2] == row and out[-1][4] == start:
             out[-1][4] = start + hi - lo
         else:
-            out.append([0, k, row, start, start + hi - lo, start])
+            out.append([0, k, row, start, start + hi - lo, start, start])
     return out
 
 
 def split(rows, chunk):
-    """Chunks of at most ``chunk`` elements, as an int64 (n, 6) table."""
+    """Chunks of at most ``chunk`` elements, each starting a multiple of ``chunk`` past its
+    row's start, as an int64 (n, 7) table."""
     table = []
-    for ptr, model, row, lo, hi, state in rows:
+    for ptr, model, row, lo, hi, state, flat in rows:
         for start in range(lo, hi, chunk):
-            table.append((ptr, model, row, start, min(hi, start + chunk), state + start - lo))
-    return np.array(table, np.int64).reshape(-1, 6)
+            table.append((ptr, model, row, start, min(hi, start + chunk), state + start - lo,
+                          flat + start - lo))
+    return np.array(table, np.int64).reshape(-1, 7)
 
 
 def by_model(table):
@@ -76,7 +80,9 @@ class _Optim:
         self.sizes = np.array([int(np.prod(s)) for s in self.shapes], np.int64)
         self.total = int(self.sizes.sum())
         self.dtype = np.dtype(params[0].dtype)
+        self.tensor_groups, self.n_models = tensor_groups, n_models
         self.rows = segments(self.sizes, tensor_groups, n_models)
+        self.quantized = None  # per tensor, with 8-bit state: whether its state is 8-bit
         self.algorithm = algorithm
         self._seen = None
         self._plan = None
@@ -101,6 +107,17 @@ class _Optim:
         plan = self._plan_for(grads, None if present.all() else present)
         self._seen, self._plan = list(grads), plan
         return plan
+
+    def use_8bit_state(self, store):
+        """Lay the state out as ``store`` (``fastdl._state.Int8Store``) keeps it: the chunk
+        tables address each model's state by its place in the codes or in the float32 array,
+        chunks start at block boundaries, and no rows are merged (blocks restart at each
+        tensor and model)."""
+        self.quantized = store.quantized
+        self.rows = segments(self.sizes, self.tensor_groups, self.n_models, store.state_offset)
+        self._subsets = {}
+        self._seen = self._plan = None
+        self._build_plans()
 
     def _subset(self, present):
         """The chunk-table rows of the tensors marked in ``present`` (bool per tensor), cached
@@ -137,20 +154,28 @@ class OptimCpu(_Optim, HostOps):
 
         self._kernels, self._address, self._config = optim, address, config
         self.parallel = self.total >= config.PARALLEL_MIN_SIZE  # when more threads than one
-        chunk = min(config.MAX_CHUNK_SIZE,
-                    max(config.MIN_CHUNK_SIZE, -(-self.total // (4 * config.threads()))))
-        self.chunk = chunk
-        self.separate_plan = by_model(split(self.rows, chunk))
-        self._subset_tables = {}
         self.param_addresses = np.array([p.__array_interface__["data"][0] for p in params],
                                         np.int64)
         self._set_param_ranges()
-        self.flat_plan = None
-        if _consecutive(self.param_addresses, self.sizes, self.dtype.itemsize):
-            self.flat_plan = by_model(split(merged(self.rows, self.sizes), chunk))
         self.placeholder = np.zeros(0, self.dtype)
         self._row_flags = None
-        self._runs = {}  # (chunk table id, parallel) -> [(update kernel, its chunks)]
+        self._build_plans()
+
+    def _build_plans(self):
+        config = self._config
+        chunk = min(config.MAX_CHUNK_SIZE,
+                    max(config.MIN_CHUNK_SIZE, -(-self.total // (4 * config.threads()))))
+        if self.quantized is not None:  # whole blocks (MIN_CHUNK_SIZE is a multiple)
+            block = self._kernels.BLOCK
+            chunk = -(-chunk // block) * block
+        self.chunk = chunk
+        self.separate_plan = by_model(split(self.rows, chunk))
+        self._subset_tables = {}
+        self.flat_plan = None
+        if self.quantized is None and _consecutive(self.param_addresses, self.sizes,
+                                                   self.dtype.itemsize):
+            self.flat_plan = by_model(split(merged(self.rows, self.sizes), chunk))
+        self._runs = {}  # (chunk table id, parallel) -> [(update kernel, its chunks, 8-bit)]
 
     def set_row_flags(self, row_flags, use_ema):
         """``row_flags`` (coefficient rows, flags) bool: which specialized update runs which
@@ -166,18 +191,25 @@ class OptimCpu(_Optim, HostOps):
         return self.parallel and self._config.use_parallel(self.total)
 
     def _runs_for(self, table, parallel):
-        """The (kernel, chunk table) pairs of one step over ``table``: one per combination of
-        flags among its rows, usually one for the whole table."""
+        """The (kernel, chunk table, 8-bit) triples of one step over ``table``: one per
+        combination of flags among its rows (usually one for the whole table), and with 8-bit
+        state one more per combination for the tensors that keep float32 state."""
         runs = self._runs.get((id(table), parallel))
         if runs is None:
-            chunk_flags = self._row_flags[table[:, self._kernels.CHUNK.row]]
+            kernels = self._kernels
+            chunk_flags = self._row_flags[table[:, kernels.CHUNK.row]]
+            eight_bit = (np.zeros(len(table), bool) if self.quantized is None
+                         else self.quantized[table[:, kernels.CHUNK.ptr]])
             runs = []
-            for flags in self._kernels.flag_combinations(self.algorithm):
-                chosen = np.all(chunk_flags == np.array(flags, bool), axis=1)
-                if chosen.any():
-                    kernel = self._kernels.update_kernel(self.algorithm, flags, self._use_ema,
-                                                         parallel)
-                    runs.append((kernel, table if chosen.all() else table[chosen]))
+            for flags in kernels.flag_combinations(self.algorithm):
+                for quantized in (False, True):
+                    chosen = np.all(chunk_flags == np.array(flags, bool), axis=1) & (
+                        eight_bit == quantized)
+                    if chosen.any():
+                        make = kernels.update_kernel_8bit if quantized else kernels.update_kernel
+                        kernel = make(self.algorithm, flags, self._use_ema, parallel)
+                        runs.append((kernel, table if chosen.all() else table[chosen],
+                                     quantized))
             self._runs[id(table), parallel] = runs
         return runs
 
@@ -218,14 +250,21 @@ class OptimCpu(_Optim, HostOps):
                                  nonfinite, norm)
 
     def update(self, plan, coef, active, state, ema):
+        """One fused step; ``state``: the store's kernel arguments (a list of flat arrays, or
+        with 8-bit state (float32 arrays, codes, absmax): fastdl/_state.py)."""
         parallel = self.parallel and self._config.use_parallel(self.total)  # _parallel_now()
         runs = self._runs.get((id(plan[2]), parallel)) or self._runs_for(plan[2], parallel)
-        if len(runs) == 1:  # the common case, without the loop's cost (a 1000-element step
-            kernel, chunks = runs[0]  # takes ~4 us in all)
+        if len(runs) == 1 and self.quantized is None:  # the common case, without the loop's
+            kernel, chunks, _ = runs[0]  # cost (a 1000-element step takes ~4 us in all)
             kernel(plan[0], plan[1], chunks, coef, active, ema, *state)
             return
-        for kernel, chunks in runs:
-            kernel(plan[0], plan[1], chunks, coef, active, ema, *state)
+        for kernel, chunks, quantized in runs:
+            if self.quantized is None:
+                kernel(plan[0], plan[1], chunks, coef, active, ema, *state)
+            elif quantized:
+                kernel(plan[0], plan[1], chunks, coef, active, ema, state[1], state[2])
+            else:
+                kernel(plan[0], plan[1], chunks, coef, active, ema, *state[0])
 
 
 class OptimCuda(_Optim, CudaOps):

@@ -2,7 +2,8 @@
 
 Every optimizer takes ``params`` (a list of float32/float64 arrays of one dtype, or PyTorch-style
 parameter groups ``[{"params": [...], "lr": ..., ...}, ...]``) and, besides its own keywords,
-``grad_scale=None, skip_nonfinite=False, max_grad_norm=None, ema_decay=None, population=False``.
+``grad_scale=None, skip_nonfinite=False, max_grad_norm=None, ema_decay=None, population=False,
+state_dtype=None, min_8bit_size=4096``.
 ``step(grads)`` applies, in PyTorch's order (SPEC.md):
 
 1. ``g = g / grad_scale``;
@@ -20,6 +21,13 @@ side by side, as ``flat_params`` makes, are fine), and no grad may share memory 
 (ValueError at the step: the update writes params while it reads grads). Grads may share memory
 with each other: they are only read. PyTorch checks neither; aliasing there is undefined.
 
+State (``state_dtype``, SPEC.md "Low-precision optimizer state"): None keeps the moments in the
+params' dtype; "float32" / "float64" in that dtype; "bfloat16" as the upper halves of float32
+values (rounded to nearest even), "int8" as bitsandbytes' blockwise 8-bit codes (blocks of 256,
+one float32 absmax each; tensors of under ``min_8bit_size`` elements per model keep float32).
+The update math is the params' dtype (float32 for the two low-precision ones, which need
+float32 params); with "int8" each block is decoded, updated and re-encoded in the one pass.
+
 Population (``population=True``): every param has a leading axis of K models; any
 hyperparameter may be a length-K array, and skipping and clipping are per model.
 
@@ -35,7 +43,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _dispatch, _validate
+from . import _dispatch, _state, _validate
 from ._optim_ops import OptimCpu, OptimCuda
 from .device import get_device, to_host
 
@@ -89,11 +97,14 @@ class _Optimizer:
     _algorithm = ""
 
     def __init__(self, params, defaults, *, grad_scale=None, skip_nonfinite=False,
-                 max_grad_norm=None, ema_decay=None, population=False):
+                 max_grad_norm=None, ema_decay=None, population=False, state_dtype=None,
+                 min_8bit_size=_state.MIN_8BIT_SIZE):
         population = _validate.population_flag(population)
         groups = _validate.param_groups(params, defaults, type(self).__name__)
         flat = [p for group in groups for p in group["params"]]
         self.device = _validate.optimizer_params(flat, population)
+        self.state_dtype = _state.state_dtype_name(state_dtype, flat[0].dtype)
+        min_8bit_size = _validate.integer(min_8bit_size, "min_8bit_size", minimum=1)
         self.population = population
         self.n_models = int(flat[0].shape[0]) if population else 1
         self._k = self.n_models if population else None  # K for hyperparameter checks
@@ -116,6 +127,12 @@ class _Optimizer:
                                      self._algorithm)
         self._params = self._ops.params  # numba views of __cuda_array_interface__ objects
         self._shapes, self._sizes = self._ops.shapes, self._ops.sizes
+        self._store = _state.make_store(self.state_dtype, self._ops, self.n_models, population,
+                                        min_8bit_size)
+        if self.state_dtype == "int8":
+            self._ops.use_8bit_state(self._store)
+        # 8-bit codes on the signed dynamic map, Adam's exp_avg_sq on the unsigned one
+        self._signed = {name: name != "exp_avg_sq" for name, _ in self._layout.state}
 
         # Per-model options (kernels.optim.MODEL), step counts, step results, coefficients.
         self._model = np.zeros((self.n_models, len(kernels.MODEL)))
@@ -311,10 +328,11 @@ class _Optimizer:
         for name in self._needed_state():
             if name not in self._state:
                 self._state[name] = self._zero_state()
-        return [self._state.get(name, self._ops.placeholder) for name in self._known_state()]
+        return self._store.kernel_arguments(
+            [self._state.get(name, self._ops.placeholder) for name in self._known_state()])
 
     def _zero_state(self):
-        return self._ops.zeros(self._ops.total, self.dtype)
+        return self._store.zeros()
 
     def _known_state(self):
         """Names of every state buffer, in the update kernel's argument order (torch's names)."""
@@ -332,7 +350,7 @@ class _Optimizer:
         return {
             "optimizer": type(self).__name__,
             "step": self._steps.copy(),
-            "state": {name: self._host_copies(buf) for name, buf in self._state.items()},
+            "state": {name: self._store.saved(buf) for name, buf in self._state.items()},
             "ema": None if self._ema is None else self._host_copies(self._ema),
             "param_groups": [{"params": list(indices),
                               **{k: _copy(group[k]) for k in self._defaults}}
@@ -370,13 +388,13 @@ class _Optimizer:
         self._state_args = None
         for name, arrays in tensors.items():
             if name == "ema":
-                target = self._ema
-            else:
-                target = self._state.get(name)
-                if target is None:
-                    target = self._state[name] = self._zero_state()
-            for view, a in zip(self._ops.views(target), arrays):
-                self._ops.write(view, a if isinstance(a, np.ndarray) else to_host(a))
+                for view, a in zip(self._ops.views(self._ema), arrays):
+                    self._ops.write(view, a if isinstance(a, np.ndarray) else to_host(a))
+                continue
+            target = self._state.get(name)
+            if target is None:
+                target = self._state[name] = self._zero_state()
+            self._store.write(target, arrays)
         for name in list(self._state):
             if name not in tensors:
                 self._state[name] = self._zero_state()
@@ -441,9 +459,8 @@ class _Optimizer:
             if buffer not in self._known_state():
                 raise ValueError(f"state_dict['state'] has unknown buffer {buffer!r}; "
                                  f"{name} keeps {self._known_state()}")
-            _validate.state_arrays(arrays, f"state_dict['state'][{buffer!r}]", self._shapes,
-                                   self.dtype)
-            tensors[buffer] = arrays
+            tensors[buffer] = self._store.checked(arrays, f"state_dict['state'][{buffer!r}]",
+                                                  self._shapes, self._signed[buffer])
         if d["ema"] is not None:
             _validate.state_arrays(d["ema"], "state_dict['ema']", self._shapes, self.dtype)
             tensors["ema"] = d["ema"]
@@ -495,9 +512,10 @@ class _Optimizer:
         hyperparameters are the param groups' values (set ``param_groups[g][key][k]``)."""
         k = self._model_index(k, "k")
         for buffer in self._state.values():
-            for view in self._ops.views(buffer):
-                row = self._model_rows(view)[k]
-                self._ops.write(row, np.zeros(tuple(row.shape), self.dtype))
+            for parts in self._store.parts(buffer):
+                for part in parts:
+                    row = self._model_rows(part)[k]
+                    self._ops.write(row, np.zeros(tuple(row.shape), row.dtype))
         if self._ema is not None:
             for view, param in zip(self._ops.views(self._ema), self._params):
                 self._ops.write(self._model_rows(view)[k], self._model_rows(param)[k])
@@ -509,11 +527,12 @@ class _Optimizer:
         at ``dst``, in a copy: the caller's array is left alone), so that ``dst`` steps as
         ``src`` would."""
         src, dst = self._model_index(src, "src"), self._model_index(dst, "dst")
-        buffers = list(self._state.values()) + ([] if self._ema is None else [self._ema])
-        for buffer in buffers:
-            for view in self._ops.views(buffer):
-                rows = self._model_rows(view)
-                self._ops.write(rows[dst], rows[src])
+        parts = [part for buffer in self._state.values()
+                 for tensor in self._store.parts(buffer) for part in tensor]
+        parts += [] if self._ema is None else self._ops.views(self._ema)
+        for part in parts:
+            rows = self._model_rows(part)
+            self._ops.write(rows[dst], rows[src])
         self._steps[dst] = self._steps[src]
         for group in self.param_groups:
             for key in self._defaults:
@@ -561,6 +580,15 @@ def _copy(value):
     if isinstance(value, tuple):
         return tuple(_copy(v) for v in value)
     return value
+
+
+def _no_8bit(optimizer, g, flag, option):
+    """ValueError when 8-bit state meets an ``option`` that bitsandbytes has no 8-bit form of
+    (AMSGrad's running maximum, centered RMSprop's mean)."""
+    if optimizer.state_dtype == "int8" and np.any(flag != 0):
+        raise ValueError(f"param_groups[{g}]: {option}=True is not available with "
+                         f"state_dtype='int8' (bitsandbytes' 8-bit optimizers have no "
+                         f"{option}); use state_dtype='bfloat16' or 'float32'")
 
 
 class SGD(_Optimizer):
@@ -630,6 +658,9 @@ class RMSprop(_Optimizer):
                                       momentum=momentum, centered=centered,
                                       maximize=maximize), **options)
 
+    def _check_group(self, g, row):
+        _no_8bit(self, g, row[:, self._layout.hyper.centered], "centered")
+
     def _row_flags(self):
         return {"centered": self._hyper_values("centered") != 0,
                 "use_buf": self._hyper_values("momentum") > 0}
@@ -654,6 +685,9 @@ class Adam(_Optimizer):
                  amsgrad=False, maximize=False, **options):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       amsgrad=amsgrad, maximize=maximize), **options)
+
+    def _check_group(self, g, row):
+        _no_8bit(self, g, row[:, self._layout.hyper.amsgrad], "amsgrad")
 
     def _row_flags(self):
         return {"amsgrad": self._hyper_values("amsgrad") != 0}

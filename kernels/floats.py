@@ -165,3 +165,43 @@ def _ordered_bits_empty_overload(n, like):
         return np.empty(n, int_dtype)
 
     return impl
+
+
+# -- bfloat16: the upper half of a float32 ------------------------------------------------------
+
+@intrinsic
+def bfloat16_encode(typingctx, x):
+    """float32 -> bfloat16 bits (uint16): the upper 16 bits, rounded to the nearest, ties to
+    even (add 0x7FFF and the kept half's lowest bit, then shift); a NaN stays a NaN, its upper
+    half made quiet (rounding would carry a signaling NaN's low payload into an infinity). In
+    integer arithmetic: it vectorizes, and fast-math cannot touch it."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        bits = builder.bitcast(args[0], i32)
+        upper = builder.lshr(bits, ir.Constant(i32, 16))
+        lsb = builder.and_(upper, ir.Constant(i32, 1))
+        rounded = builder.lshr(builder.add(builder.add(bits, ir.Constant(i32, 0x7FFF)), lsb),
+                               ir.Constant(i32, 16))
+        magnitude = builder.and_(bits, ir.Constant(i32, 0x7FFFFFFF))
+        is_nan = builder.icmp_unsigned(">", magnitude, ir.Constant(i32, 0x7F800000))
+        quiet = builder.or_(upper, ir.Constant(i32, 0x40))
+        return builder.trunc(builder.select(is_nan, quiet, rounded), ir.IntType(16))
+
+    return types.uint16(x), codegen
+
+
+@intrinsic
+def bfloat16_decode(typingctx, bits):
+    """bfloat16 bits (uint16) -> float32, exactly."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return types.float32(bits), codegen

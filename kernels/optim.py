@@ -21,8 +21,14 @@ index the same names.
 Work is described by a *chunk table*, int64 of shape (n_chunks, len(CHUNK)): elements
 [lo, hi) of the array whose address is ``param_addresses[ptr]`` (and ``grad_addresses[ptr]``),
 belonging to model ``model``, updated with coefficient row ``row``; their optimizer state is at
-[state, state + hi - lo) of the flat state arrays. A flat parameter buffer is one address and
-many chunks; separate arrays are one address each.
+[state, state + hi - lo) of the state arrays, and their EMA weights at [flat, flat + hi - lo)
+of the flat EMA array (the elements' offset in all params laid end to end; ``state`` differs
+from it where some tensors keep their state elsewhere: 8-bit state, kernels/quantize.py). A
+flat parameter buffer is one address and many chunks; separate arrays are one address each.
+
+State of any storage dtype (float32, float64, bfloat16 as uint16) is read and written through
+``quantize.load`` / ``store``, in the params' dtype; 8-bit state has its own drivers
+(:func:`update_kernel_8bit`), which work block by block.
 """
 
 import itertools
@@ -35,6 +41,8 @@ from numba import njit, prange
 from .config import CPU_OPTIONS, FASTMATH, FASTMATH_REPRODUCIBLE, cpu_kernel, cpu_kernel_pair
 from .floats import is_finite
 from .pointers import view
+from . import quantize
+from .quantize import BLOCK, load, store
 
 
 def columns(names, first=0):
@@ -44,7 +52,7 @@ def columns(names, first=0):
     return namedtuple("Columns", names)(*range(first, first + len(names)))
 
 
-CHUNK = columns("ptr model row lo hi state")
+CHUNK = columns("ptr model row lo hi state flat")
 
 # The per-model table the host fills: 1 / grad_scale, max_grad_norm (0: no clipping), skip
 # non-finite steps (0 / 1), EMA decay (0: no EMA). ``advance_models`` writes grad_multiplier.
@@ -388,7 +396,7 @@ def _chunk_views(param_addresses, grad_addresses, chunks, c, like):
     lo, hi = chunks[c, CHUNK.lo], chunks[c, CHUNK.hi]
     p = view(param_addresses[chunks[c, CHUNK.ptr]], lo, hi, like)
     g = view(grad_addresses[chunks[c, CHUNK.ptr]], lo, hi, like)
-    return p, g, chunks[c, CHUNK.state], chunks[c, CHUNK.state] + hi - lo
+    return p, g, chunks[c, CHUNK.state], chunks[c, CHUNK.flat]
 
 
 @njit(inline="always", **CPU_OPTIONS)
@@ -406,11 +414,11 @@ def _sgd_chunk(p, g, buf, e, r, use_buf, use_ema):
         r[SGD.momentum]
     nesterov = r[SGD.nesterov] != 0
     for i in range(p.shape[0]):
-        b = buf[i] if use_buf else gmul
+        b = load(buf, i, p) if use_buf else gmul
         pi, b = _sgd(p[i], g[i], b, gmul, wd, lr, buf_keep, buf_gain, momentum, nesterov,
                      use_buf)
         if use_buf:
-            buf[i] = b
+            store(buf, i, b)
         _store(p, e, i, pi, ema_keep, ema_gain, use_ema)
 
 
@@ -419,7 +427,8 @@ def _momentum_chunk(p, g, v, e, r, use_ema):
     gmul, wd, ema_keep, ema_gain = _shared(r)
     lr, beta, one_minus_beta = r[MOMENTUM.lr], r[MOMENTUM.beta], r[MOMENTUM.one_minus_beta]
     for i in range(p.shape[0]):
-        pi, v[i] = _momentum(p[i], g[i], v[i], gmul, wd, lr, beta, one_minus_beta)
+        pi, vi = _momentum(p[i], g[i], load(v, i, p), gmul, wd, lr, beta, one_minus_beta)
+        store(v, i, vi)
         _store(p, e, i, pi, ema_keep, ema_gain, use_ema)
 
 
@@ -429,14 +438,15 @@ def _rmsprop_chunk(p, g, sq, ga, buf, e, r, centered, use_buf, use_ema):
     lr, alpha, one_minus_alpha = r[RMSPROP.lr], r[RMSPROP.alpha], r[RMSPROP.one_minus_alpha]
     eps, momentum = r[RMSPROP.eps], r[RMSPROP.momentum]
     for i in range(p.shape[0]):
-        a = ga[i] if centered else gmul
-        b = buf[i] if use_buf else gmul
-        pi, sq[i], a, b = _rmsprop(p[i], g[i], sq[i], a, b, gmul, wd, lr, alpha,
+        a = load(ga, i, p) if centered else gmul
+        b = load(buf, i, p) if use_buf else gmul
+        pi, s, a, b = _rmsprop(p[i], g[i], load(sq, i, p), a, b, gmul, wd, lr, alpha,
                                    one_minus_alpha, eps, momentum, centered, use_buf)
+        store(sq, i, s)
         if centered:
-            ga[i] = a
+            store(ga, i, a)
         if use_buf:
-            buf[i] = b
+            store(buf, i, b)
         _store(p, e, i, pi, ema_keep, ema_gain, use_ema)
 
 
@@ -448,12 +458,14 @@ def _adam_chunk(p, g, m, v, vmax, e, r, amsgrad, use_ema):
     step_size, bias_correction2_sqrt = r[ADAM.step_size], r[ADAM.bias_correction2_sqrt]
     eps = r[ADAM.eps]
     for i in range(p.shape[0]):
-        vm = vmax[i] if amsgrad else gmul
-        pi, m[i], v[i], vm = _adam(p[i], g[i], m[i], v[i], vm, gmul, wd, decay, beta1,
+        vm = load(vmax, i, p) if amsgrad else gmul
+        pi, mi, vi, vm = _adam(p[i], g[i], load(m, i, p), load(v, i, p), vm, gmul, wd, decay, beta1,
                                    one_minus_beta1, beta2, one_minus_beta2, step_size,
                                    bias_correction2_sqrt, eps, amsgrad)
+        store(m, i, mi)
+        store(v, i, vi)
         if amsgrad:
-            vmax[i] = vm
+            store(vmax, i, vm)
         _store(p, e, i, pi, ema_keep, ema_gain, use_ema)
 
 
@@ -467,8 +479,9 @@ def _driver(kind, flag0, flag1, use_ema):
     def update(param_addresses, grad_addresses, chunks, coef, active, ema, *state):
         for c in prange(chunks.shape[0]):
             if active[chunks[c, CHUNK.model]]:
-                p, g, s0, s1 = _chunk_views(param_addresses, grad_addresses, chunks, c, coef)
-                r, e = coef[chunks[c, CHUNK.row]], ema[s0:s1]
+                p, g, s0, f0 = _chunk_views(param_addresses, grad_addresses, chunks, c, coef)
+                s1 = s0 + p.shape[0]
+                r, e = coef[chunks[c, CHUNK.row]], ema[f0:f0 + p.shape[0]]
                 if kind == SGD_KIND:
                     _sgd_chunk(p, g, state[0][s0:s1], e, r, flag0, use_ema)
                 elif kind == MOMENTUM_KIND:
@@ -481,6 +494,115 @@ def _driver(kind, flag0, flag1, use_ema):
                                 flag0, use_ema)
 
     return update
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 2 with 8-bit state (kernels/quantize.py). A chunk starts at a block boundary (the host
+# cuts a tensor's chunks at multiples of BLOCK from each model's first element, and pads each
+# model's codes to whole blocks, so block b of the codes is elements [b * BLOCK, (b+1) * BLOCK)
+# and has absmax b). Per block: decode the codes with the block's absmax, run the element
+# function, keep the updated state in a BLOCK-sized buffer (the params and EMA are written at
+# once, from the unquantized state, as bitsandbytes does); then the block's new absmax is the
+# buffer's largest magnitude and each value is rounded to its nearest code.
+# ---------------------------------------------------------------------------------------------
+
+SIGNED_CODES, UNSIGNED_CODES = quantize.SIGNED_CODES, quantize.UNSIGNED_CODES
+_encode_block = quantize.encode_block
+
+
+@njit(inline="always", **CPU_OPTIONS)
+def _decode(codes, i, table, absmax):
+    return table[codes[i]] * absmax
+
+
+def _driver_8bit(kind, flag0, use_ema):
+    """The CPU update of optimizer ``kind`` with 8-bit state (``flag0``: SGD's and RMSprop's
+    momentum buffer, ``use_ema`` fixed, as :func:`_driver`). ``codes`` / ``absmax``: tuples of
+    the uint8 codes and float32 absmax of each state buffer, in ``Algorithm.state`` order
+    (zero-length placeholders for those no row needs)."""
+
+    def update(param_addresses, grad_addresses, chunks, coef, active, ema, codes, absmax):
+        for c in prange(chunks.shape[0]):
+            if not active[chunks[c, CHUNK.model]]:
+                continue
+            p, g, s0, f0 = _chunk_views(param_addresses, grad_addresses, chunks, c, coef)
+            r = coef[chunks[c, CHUNK.row]]
+            gmul, wd, ema_keep, ema_gain = _shared(r)
+            new0 = np.empty(BLOCK, np.float32)  # the updated state of one block
+            new1 = np.empty(BLOCK, np.float32)
+            for b0 in range(0, p.shape[0], BLOCK):
+                n = min(BLOCK, p.shape[0] - b0)
+                s, blk = s0 + b0, (s0 + b0) // BLOCK
+                for i in range(b0, b0 + n):
+                    pi, gi = p[i], g[i]
+                    if kind == SGD_KIND:
+                        b = _decode(codes[0], s0 + i, SIGNED_CODES, absmax[0][blk]) if flag0 \
+                            else gmul
+                        pi, b = _sgd(pi, gi, b, gmul, wd, r[SGD.lr], r[SGD.buf_keep],
+                                     r[SGD.buf_gain], r[SGD.momentum], r[SGD.nesterov] != 0,
+                                     flag0)
+                        new0[i - b0] = b
+                    elif kind == MOMENTUM_KIND:
+                        v = _decode(codes[0], s0 + i, SIGNED_CODES, absmax[0][blk])
+                        pi, v = _momentum(pi, gi, v, gmul, wd, r[MOMENTUM.lr], r[MOMENTUM.beta],
+                                          r[MOMENTUM.one_minus_beta])
+                        new0[i - b0] = v
+                    elif kind == RMSPROP_KIND:
+                        sq = _decode(codes[0], s0 + i, SIGNED_CODES, absmax[0][blk])
+                        b = _decode(codes[2], s0 + i, SIGNED_CODES, absmax[2][blk]) if flag0 \
+                            else gmul
+                        pi, sq, _, b = _rmsprop(pi, gi, sq, gmul, b, gmul, wd, r[RMSPROP.lr],
+                                                r[RMSPROP.alpha], r[RMSPROP.one_minus_alpha],
+                                                r[RMSPROP.eps], r[RMSPROP.momentum], False,
+                                                flag0)
+                        new0[i - b0] = sq
+                        new1[i - b0] = b
+                    else:
+                        m = _decode(codes[0], s0 + i, SIGNED_CODES, absmax[0][blk])
+                        v = _decode(codes[1], s0 + i, UNSIGNED_CODES, absmax[1][blk])
+                        pi, m, v, _ = _adam(pi, gi, m, v, gmul, gmul, wd, r[ADAM.decay],
+                                            r[ADAM.beta1], r[ADAM.one_minus_beta1],
+                                            r[ADAM.beta2], r[ADAM.one_minus_beta2],
+                                            r[ADAM.step_size], r[ADAM.bias_correction2_sqrt],
+                                            r[ADAM.eps], False)
+                        new0[i - b0] = m
+                        new1[i - b0] = v
+                    p[i] = pi
+                    if use_ema:
+                        ema[f0 + i] = _ema(ema[f0 + i], pi, ema_keep, ema_gain)
+                if kind == SGD_KIND:
+                    if flag0:
+                        absmax[0][blk] = _encode_block(new0, n, codes[0], s, True)
+                elif kind == MOMENTUM_KIND:
+                    absmax[0][blk] = _encode_block(new0, n, codes[0], s, True)
+                elif kind == RMSPROP_KIND:
+                    absmax[0][blk] = _encode_block(new0, n, codes[0], s, True)
+                    if flag0:
+                        absmax[2][blk] = _encode_block(new1, n, codes[2], s, True)
+                else:
+                    absmax[0][blk] = _encode_block(new0, n, codes[0], s, True)
+                    absmax[1][blk] = _encode_block(new1, n, codes[1], s, False)
+
+    return update
+
+
+_UPDATE_KERNELS_8BIT = {}
+
+
+def update_kernel_8bit(algorithm, flags, use_ema, parallel):
+    """:func:`update_kernel` for 8-bit state (``flags``: SGD's use_buf, or RMSprop's
+    (centered, use_buf) with centered False: the host refuses 8-bit centered RMSprop)."""
+    key = (algorithm, tuple(flags), use_ema)
+    pair = _UPDATE_KERNELS_8BIT.get(key)
+    if pair is None:
+        layout = ALGORITHMS[algorithm]
+        buffer_flag = bool(flags[-1]) if algorithm in ("sgd", "rmsprop") else False
+        name = f"optim.update8.{algorithm}{''.join('_' + str(int(f)) for f in flags)}" \
+            f"_ema{int(use_ema)}"
+        pair = _UPDATE_KERNELS_8BIT[key] = cpu_kernel_pair(
+            _driver_8bit(layout.kind, buffer_flag, use_ema), name,
+            fastmath=FASTMATH - {"contract"})
+    return pair[1] if parallel else pair[0]
 
 
 # ---------------------------------------------------------------------------------------------
