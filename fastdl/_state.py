@@ -34,8 +34,8 @@ def state_dtype_name(value, params_dtype):
     if value is None:
         return np.dtype(params_dtype).name
     if not isinstance(value, str):
-        raise TypeError(f"state_dtype must be None or one of {STATE_DTYPES}; got "
-                        f"{_validate.describe(value)}")
+        raise TypeError(f"state_dtype must be None or one of the strings {STATE_DTYPES}; got "
+                        f"{value!r} of type {type(value).__name__}")
     if value not in STATE_DTYPES:
         raise ValueError(f"state_dtype must be None or one of {STATE_DTYPES}; got {value!r}")
     if value in ("bfloat16", "int8") and np.dtype(params_dtype) != np.float32:
@@ -65,9 +65,10 @@ class FloatStore(_Store):
         super().__init__(ops, n_models, population)
         self.name = name
         self.dtype = BFLOAT16_BITS if name == "bfloat16" else np.dtype(name)
-        # what a saved array may hold: the storage dtype, and float32 for bfloat16 (rounded)
+        # what a saved array may hold: the storage dtype, bfloat16 bits (decoded), and float32
+        # for bfloat16 storage (rounded)
         self.accepted = (self.dtype, np.dtype(np.float32)) if name == "bfloat16" \
-            else (self.dtype,)
+            else (self.dtype, BFLOAT16_BITS)
 
     def zeros(self):
         return self.ops.zeros(self.ops.total, self.dtype)
@@ -93,6 +94,8 @@ class FloatStore(_Store):
                 a = _float_array(a, name, shape, self.accepted)
             if self.dtype == BFLOAT16_BITS and a.dtype != BFLOAT16_BITS:
                 a = bfloat16_bits(a)
+            elif self.dtype != BFLOAT16_BITS and a.dtype == BFLOAT16_BITS:
+                a = bfloat16_values(a)
             out.append(a)
         return out
 
@@ -176,7 +179,7 @@ class Int8Store(_Store):
                         f"for params of under min_8bit_size={self.min_8bit_size} elements per "
                         f"model (this one has {int(self.per_model[j])}): a state dict of "
                         "another min_8bit_size")
-                out.append(_float_array(a, name, shape, (np.dtype(np.float32),)))
+                out.append(_as_float32(_float_array(a, name, shape, FLOAT32_OR_BITS)))
                 continue
             rows, n = self.n_models, int(self.per_model[j])
             padded = int(self.blocks[j]) * self.block
@@ -186,7 +189,7 @@ class Int8Store(_Store):
                 full[:, :n] = codes.reshape(rows, n)
                 out.append((full, absmax.reshape(rows, -1)))
             else:
-                values = _float_array(a, name, shape, (np.dtype(np.float32),))
+                values = _as_float32(_float_array(a, name, shape, FLOAT32_OR_BITS))
                 full = np.zeros((rows, padded), np.float32)
                 full[:, :n] = values.reshape(rows, n)
                 codes = np.empty((rows, padded), np.uint8)
@@ -261,6 +264,18 @@ def bfloat16_bits(a):
     u = x.view(np.uint32).astype(np.uint64)
     rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
     return np.where(np.isnan(x), ((u >> 16) | 0x40).astype(np.uint16), rounded)
+
+
+def bfloat16_values(bits):
+    """bfloat16 bits -> float32 values (exact)."""
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+FLOAT32_OR_BITS = (np.dtype(np.float32), BFLOAT16_BITS)
+
+
+def _as_float32(a):
+    return bfloat16_values(a) if a.dtype == BFLOAT16_BITS else a
 
 
 def _list_of(arrays, argument, shapes):

@@ -38,10 +38,10 @@ from collections import namedtuple
 import numpy as np
 from numba import njit, prange
 
+from . import quantize
 from .config import CPU_OPTIONS, FASTMATH, FASTMATH_REPRODUCIBLE, cpu_kernel, cpu_kernel_pair
 from .floats import is_finite
 from .pointers import view
-from . import quantize
 from .quantize import BLOCK, load, store
 
 

@@ -28,8 +28,11 @@ class ReferenceOptimizer:
     """
 
     def __init__(self, kind, params, groups=None, grad_scale=None, skip_nonfinite=False,
-                 max_grad_norm=None, ema_decay=None, **hyper):
+                 max_grad_norm=None, ema_decay=None, state_dtype=None, min_8bit_size=4096,
+                 population=False, **hyper):
         self.kind = kind
+        self.state_dtype, self.min_8bit_size = state_dtype, min_8bit_size
+        self.population = population
         self.params = params
         base = {**OPTIMIZER_DEFAULTS[kind], **hyper}
         groups = groups or [(range(len(params)), {})]
@@ -69,12 +72,39 @@ class ReferenceOptimizer:
             if h["maximize"]:
                 g = -g
             getattr(self, "_" + self.kind)(p, g, self.state[i], h)
+            self._store_state(p, self.state[i])
         # 7. EMA of the weights
         if self.ema is not None:
             d = self.ema_decay
             for e, p in zip(self.ema, self.params):
                 e[...] = d * e + (1 - d) * p
         return (found_inf if self.skip_nonfinite else False), norm
+
+    def _store_state(self, p, s):
+        """Low-precision state (SPEC.md): the step used the updated state in float32; what is
+        kept is its bfloat16 rounding, or its 8-bit codes (blocks of 256 per model, each on
+        its absmax; exp_avg_sq on the unsigned map, the rest on the signed one), decoded. The
+        8-bit codes, absmax and scaled values are kept beside as ``<name>.codes``,
+        ``<name>.absmax``, ``<name>.scaled``."""
+        if self.state_dtype not in ("bfloat16", "int8"):
+            return
+        rows = p.shape[0] if self.population else 1
+        for name in [n for n in s if "." not in n]:
+            value = s[name]
+            if self.state_dtype == "bfloat16":
+                s[name] = bfloat16_value(bfloat16_bits(value)).reshape(value.shape)
+                continue
+            if value.size // rows < self.min_8bit_size:
+                continue
+            code = dynamic_map(name != "exp_avg_sq")
+            parts = [quantize_blockwise(row, code, scaled=True) for row in value.reshape(rows, -1)]
+            codes = np.stack([c for c, _, _ in parts])
+            absmax = np.stack([a for _, a, _ in parts])
+            s[name] = np.stack([dequantize_blockwise(c, a, code) for c, a, _ in parts]
+                               ).reshape(value.shape)
+            s[name + ".codes"] = codes.reshape(value.shape)
+            s[name + ".absmax"] = absmax if self.population else absmax[0]
+            s[name + ".scaled"] = np.stack([x for _, _, x in parts]).reshape(value.shape)
 
     def _sgd(self, p, g, s, h):
         if h["weight_decay"] != 0:
@@ -356,20 +386,34 @@ def nearest_code(scaled, code):
     return np.argmin(distance, axis=-1).astype(np.uint8)
 
 
-def quantize_blockwise(values, code, block=256):
+def quantize_blockwise(values, code, block=256, scaled=False):
     """(codes uint8, absmax float32 per block): blocks of ``block`` consecutive values of the
     flat float32 ``values``, each scaled by 1 / its absmax (0 for a block of zeros) and
-    clipped to [-1, 1], then rounded to the nearest code."""
+    clipped to [-1, 1], then rounded to the nearest code. ``scaled=True`` also returns the
+    scaled values (to tell near-ties)."""
     values = np.asarray(values, np.float32).reshape(-1)
     codes = np.empty(values.size, np.uint8)
     absmax = np.empty(-(-values.size // block), np.float32)
+    clipped = np.empty(values.size, np.float32)
     for b in range(absmax.size):
         part = values[b * block:(b + 1) * block]
         absmax[b] = np.max(np.abs(part))
         inverse = np.float32(1) / absmax[b] if absmax[b] > 0 else np.float32(0)
-        codes[b * block:(b + 1) * block] = nearest_code(
-            np.clip(part * inverse, np.float32(-1), np.float32(1)), code)
-    return codes, absmax
+        clipped[b * block:(b + 1) * block] = np.clip(part * inverse, np.float32(-1),
+                                                     np.float32(1))
+        codes[b * block:(b + 1) * block] = nearest_code(clipped[b * block:(b + 1) * block], code)
+    return (codes, absmax, clipped) if scaled else (codes, absmax)
+
+
+def near_tie(scaled, code, ulps=4):
+    """Whether each float32 ``scaled`` value lies within ``ulps`` float32 ulps of a midpoint
+    between two neighbouring codes (where a rounding may go either way)."""
+    scaled = np.asarray(scaled, np.float32)
+    mids = (code[:-1].astype(np.float64) + code[1:]) / 2
+    nearest_mid = mids[np.clip(np.searchsorted(mids, scaled), 0, mids.size - 1)]
+    below = mids[np.clip(np.searchsorted(mids, scaled) - 1, 0, mids.size - 1)]
+    gap = np.minimum(np.abs(scaled - nearest_mid), np.abs(scaled - below))
+    return gap <= ulps * np.spacing(np.abs(scaled)).astype(np.float64)
 
 
 def dequantize_blockwise(codes, absmax, code, block=256):
