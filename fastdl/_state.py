@@ -167,7 +167,7 @@ class Int8Store(_Store):
 
     def checked(self, arrays, argument, shapes, signed):
         _list_of(arrays, argument, shapes)
-        from fastdl.kernels.quantize import quantize_rows
+        from fastdl.kernels.quantize import nearest_signed, nearest_unsigned, quantize_rows
 
         out = []
         for j, (a, shape) in enumerate(zip(arrays, shapes)):
@@ -194,7 +194,7 @@ class Int8Store(_Store):
                 full[:, :n] = values.reshape(rows, n)
                 codes = np.empty((rows, padded), np.uint8)
                 absmax = np.empty((rows, padded // self.block), np.float32)
-                quantize_rows(full, codes, absmax, signed)
+                quantize_rows(full, codes, absmax, nearest_signed if signed else nearest_unsigned)
                 out.append((codes, absmax))
         return out
 

@@ -123,7 +123,7 @@ def model_count(model):
     return counts.pop() if counts else None
 
 
-def make_optimizer(name, model, hyper=None, population=False):
+def make_optimizer(name, model, hyper=None, population=False, state_dtype=None):
     """The optimizer ``name`` ("adam", "adamw", "momentum", "rmsprop", "sgd") over ``model``'s
     param groups, weight decay on the weights only (not on biases or BatchNorm's gamma, beta).
 
@@ -131,7 +131,8 @@ def make_optimizer(name, model, hyper=None, population=False):
     (1e-4), and ``beta1`` / ``beta2`` (Adam, AdamW: 0.9 / 0.999) or ``beta`` (Momentum's beta,
     0.9; RMSprop's alpha, 0.99); each a number, or (K,) values with ``population=True``; any
     other name is a ValueError. Non-finite gradients skip the step (per model in a population:
-    a diverging model is frozen)::
+    a diverging model is frozen). ``state_dtype``: the optimizer's (None, "float32",
+    "bfloat16", "int8": :mod:`fastdl.optim`)::
 
         opt = make_optimizer("adam", model, {"lr": 1e-3, "beta2": 0.99})
     """
@@ -142,7 +143,8 @@ def make_optimizer(name, model, hyper=None, population=False):
     if unknown:
         raise ValueError(f"hyper for {name} takes {known}; got unknown {unknown}")
     cls, default_lr = OPTIMIZERS[name]
-    options = dict(lr=hyper.get("lr", default_lr), skip_nonfinite=True, population=population)
+    options = dict(lr=hyper.get("lr", default_lr), skip_nonfinite=True, population=population,
+                   state_dtype=state_dtype)
     if name in ("adam", "adamw"):
         options["betas"] = (hyper.get("beta1", 0.9), hyper.get("beta2", 0.999))
     elif name == "momentum":
@@ -206,13 +208,14 @@ def accuracy(model, X, y):
 
 
 def train(model, splits, epochs=40, optimizer="adam", hyper=None, batch_size=64, seed=0,
-          patience=10, progress=None, comm=None, checkpoint=None, watchdog=None):
+          patience=10, progress=None, comm=None, checkpoint=None, watchdog=None,
+          state_dtype=None):
     """Train one ``model`` on ``splits`` = ``((X_train, y_train), (X_dev, y_dev), test)`` (as
     :func:`fastdl.data.load_digits` gives them; the test split is not touched); returns a
     :class:`History` of floats.
 
-    ``hyper`` as :func:`make_optimizer`. Each epoch uses ``lr = lr0 / (1 + 0.05 * epoch)`` and
-    mini-batches of ``batch_size`` shuffled from ``seed * 1000 + epoch`` (the same seed, the
+    ``hyper`` and ``state_dtype`` as :func:`make_optimizer`. Each epoch uses
+    ``lr = lr0 / (1 + 0.05 * epoch)`` and mini-batches of ``batch_size`` shuffled from ``seed * 1000 + epoch`` (the same seed, the
     same numbers); early stopping (:class:`fastdl.nn.EarlyStopping`, ``patience`` epochs)
     ends training and puts back the parameters of the best dev loss. ``progress(epoch,
     history)`` is called after each epoch::
@@ -239,7 +242,7 @@ def train(model, splits, epochs=40, optimizer="adam", hyper=None, batch_size=64,
                          f"models: use train_population")
     (X_train, y_train), (X_dev, y_dev), _ = splits
     rank, world = (0, 1) if comm is None else (comm.rank, comm.size)
-    opt = make_optimizer(optimizer, model, hyper)
+    opt = make_optimizer(optimizer, model, hyper, state_dtype=state_dtype)
     schedule = schedules.inverse_time(opt.lr, decay_rate=LR_DECAY_RATE)
     loss_fn, dev_loss_fn = nn.SoftmaxCrossEntropy(), nn.SoftmaxCrossEntropy()
     stopper = nn.EarlyStopping(model, patience=patience)

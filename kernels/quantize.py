@@ -29,7 +29,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from .config import CPU_OPTIONS, cpu_kernel
-from .floats import bfloat16_decode, bfloat16_encode
+from .floats import bfloat16_decode, bfloat16_encode, from_ordered_bits, ordered_bits
 
 BLOCK = 256  # values per block, each block with its own absmax
 DECADES = 7
@@ -75,10 +75,12 @@ def nearest_code_function(signed):
     float32 ``s`` (in [-1, 1] signed, [0, 1] unsigned): plain scalar Python over closure
     constants, compiled for the CPU (``njit``) and as a CUDA device function alike.
 
-    Positive side: index ``zero + k``, k = 0 for the code 0, decade e's codes at k = first_e ..
-    first_e + n_e - 1 (first_e = n_e signed, n_e - 1 unsigned), the top k for 1. A negative s
-    of the signed map takes the mirrored index ``zero - k`` (its side has no -1: k stops at
-    the code below 1)."""
+    On the positive side, k = 0 is the code 0, decade e's n_e codes are k = first_e ..
+    first_e + n_e - 1 (first_e = n_e signed, n_e - 1 unsigned) and the top k is the code 1;
+    the index is ``zero + k``, or ``zero - k`` for a negative s of the signed map (its side has
+    no -1: k stops below the top). Every step is float32 arithmetic, compares and selects (no
+    integer widening: numba would make int32 arithmetic int64, half the SIMD lanes), one
+    conversion at the end."""
     codes = dynamic_map(signed)
     zero = int(np.searchsorted(codes, 0.0))
     positive = codes[zero:].astype(np.float64)
@@ -88,37 +90,41 @@ def nearest_code_function(signed):
     t = [np.float32((positive[firsts[e] - 1] + positive[firsts[e]]) / 2) for e in range(DECADES)]
     t.append(np.float32((positive[-2] + positive[-1]) / 2))
     t0, t1, t2, t3, t4, t5, t6, t7 = t
-    # 10**(6 - e), exact in float32
-    u0, u1, u2, u3, u4, u5, u6 = (np.float32(10.0 ** (6 - e)) for e in range(DECADES))
-    tenth, per_tenth = np.float32(0.1), np.float32(1 / 0.9)
-    extra = 0 if signed else 1  # unsigned: n_e = 2**(e+1), first_e = n_e - 1
-    top = len(positive) - 1  # k of the code 1
-    below_one = top - 1 if signed else top  # a negative s's largest k (the signed map has no -1)
+    f32 = np.float32
+    u0, u1, u2, u3, u4, u5, u6 = (f32(10.0 ** (6 - e)) for e in range(DECADES))  # exact
+    n0, n1, n2, n3, n4, n5, n6 = (f32(n) for n in sizes)
+    tenth, per_tenth, one = f32(0.1), f32(1 / 0.9), f32(1)
+    zero_index, top = f32(zero), f32(len(positive) - 1)
+    below_one = top - one if signed else top  # a negative s's largest k
+    extra = f32(0) if signed else f32(1)  # n_e - first_e
 
     def nearest(s):
         negative = signed and s < 0
         a = -s if negative else s
-        e = (np.int32(a >= t1) + np.int32(a >= t2) + np.int32(a >= t3) + np.int32(a >= t4)
-             + np.int32(a >= t5) + np.int32(a >= t6))
-        unit = u0
+        unit, n = u0, n0  # the decade's 10**(6-e) and n_e
         unit = u1 if a >= t1 else unit
+        n = n1 if a >= t1 else n
         unit = u2 if a >= t2 else unit
+        n = n2 if a >= t2 else n
         unit = u3 if a >= t3 else unit
+        n = n3 if a >= t3 else n
         unit = u4 if a >= t4 else unit
+        n = n4 if a >= t4 else n
         unit = u5 if a >= t5 else unit
+        n = n5 if a >= t5 else n
         unit = u6 if a >= t6 else unit
-        n = np.int32(1) << (e + extra)
-        x = (a * unit - tenth) * (np.float32(n) * per_tenth)
-        j = np.int32(x)  # truncation: floor for x >= 0, and x < 0 is clamped to 0 below
-        j = j if j > 0 else np.int32(0)
-        j = j if j < n - 1 else n - 1
+        n = n6 if a >= t6 else n
+        # the position in the decade: code j spans (0.1 + [j, j+1] * 0.9 / n) * 10**(e-6)
+        j = np.floor((a * unit - tenth) * (n * per_tenth))
+        j = j if j > 0 else f32(0)
+        j = j if j < n - one else n - one
         k = n - extra + j
-        k = np.int32(0) if a < t0 else k
-        k = np.int32(top) if a >= t7 else k
+        k = f32(0) if a < t0 else k
+        k = top if a >= t7 else k
         if negative:
-            k = k if k < below_one else np.int32(below_one)
-            return np.int32(zero) - k
-        return np.int32(zero) + k
+            k = k if k < below_one else below_one
+            return np.int32(zero_index - k)
+        return np.int32(zero_index + k)
 
     return nearest
 
@@ -161,29 +167,44 @@ nearest_unsigned = njit(inline="always", **CPU_OPTIONS)(nearest_code_function(Fa
 
 
 @njit(inline="always", **CPU_OPTIONS)
-def encode_block(values, n, codes, start, signed):
-    """Round ``values[:n]`` (float32) to ``codes[start:start + n]`` on their absmax (each
-    value times 1 / absmax, in float32, as the NumPy reference does; a block of zeros gets
-    absmax 0 and the code of 0); return the absmax."""
-    top = np.float32(0)
-    for i in range(n):
-        a = abs(values[i])
-        top = a if a > top else top
+def absmax(values):
+    """max |values| of a float32 array, as an integer max of the bits (a float max reduction
+    does not vectorize without fast-math's ``nnan``); a NaN wins (its bits are the largest)."""
+    top = ordered_bits(np.float32(0))
+    for i in range(values.shape[0]):
+        b = ordered_bits(abs(values[i]))
+        top = b if b > top else top
+    return from_ordered_bits(top, np.float32(0))
+
+
+@njit(inline="always", **CPU_OPTIONS)
+def encode_block(values, codes, nearest):
+    """Round ``values`` (float32) to ``codes`` (uint8, as long) on their absmax with
+    ``nearest`` (:data:`nearest_signed` or :data:`nearest_unsigned`: a compile-time choice),
+    each value times 1 / absmax in float32, as the NumPy reference does (a block of zeros
+    gets absmax 0 and the code of 0); return the absmax."""
+    top = absmax(values)
     inverse = np.float32(1) / top if top > 0 else np.float32(0)
-    for i in range(n):
-        s = values[i] * inverse
-        codes[start + i] = nearest_signed(s) if signed else nearest_unsigned(s)
+    for i in range(values.shape[0]):
+        codes[i] = nearest(values[i] * inverse)
     return top
 
 
-def _quantize_rows(values, codes, absmax, signed):
+@njit(inline="always", **CPU_OPTIONS)
+def decode_block(codes, table, scale, out):
+    """out = table[codes] * scale (the block's absmax), float32."""
+    for i in range(codes.shape[0]):
+        out[i] = table[codes[i]] * scale
+
+
+def _quantize_rows(values, codes, absmax, nearest):
     """Host conversion (loading float state into 8-bit state): each row of ``values``
     (rows, blocks * BLOCK) float32 quantized block by block into ``codes`` (same shape, uint8)
-    and ``absmax`` (rows, blocks) float32."""
+    and ``absmax`` (rows, blocks) float32, with ``nearest`` (signed or unsigned)."""
     for r in range(values.shape[0]):
         for b in range(absmax.shape[1]):
-            absmax[r, b] = encode_block(values[r, b * BLOCK:(b + 1) * BLOCK], BLOCK, codes[r],
-                                        b * BLOCK, signed)
+            absmax[r, b] = encode_block(values[r, b * BLOCK:(b + 1) * BLOCK],
+                                        codes[r, b * BLOCK:(b + 1) * BLOCK], nearest)
 
 
 quantize_rows = cpu_kernel(_quantize_rows, name="quantize.quantize_rows")

@@ -168,3 +168,24 @@ def test_unknown_command_is_an_error():
     result = subprocess.run([sys.executable, "-m", "fastdl", "train"], capture_output=True,
                             text=True)
     assert result.returncode == 2 and "unknown command" in result.stderr
+
+
+def test_demo_with_8bit_state_checkpoints_and_continues(tmp_path):
+    """``--state-dtype int8``: the header says so, and a checkpoint (8-bit codes and absmax in
+    the npz) lets a longer run continue from it."""
+    def demo_run(epochs):
+        return subprocess.run([sys.executable, "-m", "fastdl", "demo", "--epochs", str(epochs),
+                               "--no-progress", "--out", str(tmp_path / "out"), "--state-dtype",
+                               "int8", "--checkpoint", str(tmp_path / "ckpt")],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "FASTDL_DEVICE": "cpu"})
+
+    first = demo_run(2)
+    assert first.returncode == 0, first.stderr
+    assert "adam (int8 state)" in first.stdout
+    saved = np.load(tmp_path / "ckpt" / "checkpoint.npz")
+    assert any(saved[k].dtype == np.uint8 for k in saved.files)
+    second = demo_run(3)
+    assert second.returncode == 0, second.stderr
+    assert "continuing from" in second.stdout
+    assert "epoch 3/3: loss" in second.stdout and "epoch 1/3" not in second.stdout

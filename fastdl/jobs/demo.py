@@ -82,7 +82,7 @@ def _fused_block():
     block.relu_dropout_grad(X, X, 1, draw.scales, np.empty_like(X))
 
 
-def compile_layers(optimizer):
+def compile_layers(optimizer, state_dtype=None):
     """The products, transpose and batch norm kernels (training and eval mode),
     single-threaded as in training. Not a forward of the network: that would compile the fused
     block's kernels here too, which :func:`compile_loss_and_step` compiles beside."""
@@ -90,9 +90,9 @@ def compile_layers(optimizer):
         _products_and_norm()
 
 
-def compile_loss_and_step(optimizer):
-    """The fused block's kernels, then the loss and one ``optimizer`` step of the
-    demo network on a tiny batch, single-threaded as in training."""
+def compile_loss_and_step(optimizer, state_dtype=None):
+    """The fused block's kernels, then the loss and one ``optimizer`` step (its state in
+    ``state_dtype``) of the demo network on a tiny batch, single-threaded as in training."""
     model = training.build_network()
     X, y = _tiny_batch()
     with cpu_threads(1):
@@ -100,7 +100,7 @@ def compile_loss_and_step(optimizer):
         loss_fn = nn.SoftmaxCrossEntropy()
         loss_fn.forward(np.zeros((len(y), 10), np.float32), y)
         loss_fn.backward()
-        training.make_optimizer(optimizer, model).step(model.grads())
+        training.make_optimizer(optimizer, model, state_dtype=state_dtype).step(model.grads())
 
 
 HUMAN_ERROR = 0.005  # a proxy for the Bayes error on these digits (people misread few)
@@ -149,6 +149,9 @@ def run(argv=None):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--optimizer", default="adam", choices=sorted(training.OPTIMIZERS))
+    parser.add_argument("--state-dtype", default=None, choices=["float32", "bfloat16", "int8"],
+                        help="the optimizer's state: float32 (default), bfloat16, or 8-bit "
+                        "blockwise codes (int8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--patience", type=int, default=10, help="early stopping: epochs "
                         "without a better dev loss (default: 10)")
@@ -186,11 +189,13 @@ def run(argv=None):
     finish_compile = lambda: None  # noqa: E731
     if device == "cpu" and root:  # started before loading the digits, which it overlaps
         finish_compile = compile_ahead(demo_kernels(args.optimizer), COMPILE_SECONDS,
-                                       compile_layers, compile_loss_and_step, args.optimizer)
+                                       compile_layers, compile_loss_and_step, args.optimizer,
+                                       args.state_dtype)
     splits = data.load_digits(args.seed)
     (X_train, y_train), (X_dev, y_dev), (X_test, y_test) = splits
     say(f"digits: {len(y_train)} train, {len(y_dev)} dev, {len(y_test)} test examples of 64 "
-        f"pixels; network 64-{'-'.join(map(str, training.HIDDEN))}-10, {args.optimizer}",
+        f"pixels; network 64-{'-'.join(map(str, training.HIDDEN))}-10, {args.optimizer}"
+        f"{'' if args.state_dtype is None else f' ({args.state_dtype} state)'}",
         flush=True)
     compile_seconds = finish_compile()
     if compile_seconds is not None:
@@ -217,7 +222,8 @@ def run(argv=None):
             watchdog = stack.enter_context(distributed.Watchdog(args.timeout, "training"))
         history = training.train(model, splits, args.epochs, args.optimizer, seed=args.seed,
                                  patience=args.patience, progress=report, comm=comm,
-                                 checkpoint=checkpoint, watchdog=watchdog)
+                                 checkpoint=checkpoint, watchdog=watchdog,
+                                 state_dtype=args.state_dtype)
     total = time.perf_counter() - start
     close()
     train_accuracy = training.accuracy(model, X_train, y_train)
