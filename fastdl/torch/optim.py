@@ -15,15 +15,31 @@ torch's optimizers of the same name:
   back. ``Momentum`` (the notes' form) has no torch counterpart (state ``velocity``).
 - fastdl's extras are keywords: ``grad_scale``, ``skip_nonfinite``, ``max_grad_norm``,
   ``ema_decay`` (``ema_params``: tensors shaped like the params); ``last_info`` is the last
-  step's :class:`fastdl.optim.StepInfo`. torch's ``foreach`` and ``fused`` are accepted and
-  ignored (fastdl is always fused); ``capturable=True`` or ``differentiable=True`` is a
-  ValueError.
+  step's :class:`fastdl.optim.StepInfo`; ``state_dtype`` and ``min_8bit_size`` (below).
+  torch's ``foreach`` and ``fused`` are accepted and ignored (fastdl is always fused);
+  ``capturable=True`` or ``differentiable=True`` is a ValueError.
 
 Speed: the step's plan (the addresses of params and grads and the chunk table) is cached and
 rebuilt only when a grad tensor changes, so reading 200 ``.grad`` attributes costs little
 beside the update. Parameters at different step counts (after steps where some grads were
 None) are stepped as one fused pass per distinct count; ``max_grad_norm`` and
 ``skip_nonfinite`` then apply to each such set of parameters on its own.
+
+Low-precision state (``state_dtype``, SPEC.md "Low-precision optimizer state"): the state
+entries stay live views of the core's storage. ``"float32"`` / ``"float64"``: tensors of that
+dtype under torch's names; ``"bfloat16"``: ``torch.bfloat16`` tensors (views of the stored
+bits) under torch's names; ``"int8"``: bitsandbytes' names for a param of at least
+``min_8bit_size`` elements, ``state1`` / ``state2`` (uint8 codes shaped like the param) and
+``absmax1`` / ``absmax2`` (float32, one per block of 256), state 1 and 2 being the
+optimizer's buffers in torch's order (Adam: ``exp_avg``, ``exp_avg_sq``; SGD:
+``momentum_buffer``; Momentum: ``velocity``; RMSprop: ``square_avg``, ``momentum_buffer``),
+and torch's names in float32 for the smaller params. :meth:`state_dict` holds copies of the
+same entries (a resume is bit-identical) and its ``"fastdl"`` entry the options. Loading
+converts as the core's stores do: float32 state (torch.optim's) is rounded to bfloat16 or
+quantized to 8 bits; bfloat16 and 8-bit entries are decoded into a float optimizer, bfloat16
+ones quantized into an 8-bit one. An 8-bit dict of another ``min_8bit_size`` or block layout
+is a ValueError naming the entry. Such dicts load into fastdl.torch only (a bfloat16 one also
+into torch.optim, which casts it).
 
 CUDA tensors go through ``__cuda_array_interface__`` (untested here: no GPU).
 """
@@ -37,6 +53,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 
 from .. import _validate
 from .. import optim as _core
+from .._state import MIN_8BIT_SIZE
 from ._tensors import check_float, tensor
 
 
@@ -77,7 +94,8 @@ class _Optimizer(torch.optim.Optimizer):
     _counts_steps = True  # whether torch's state holds "step" (not SGD's)
 
     def __init__(self, params, defaults, grad_scale=None, skip_nonfinite=False,
-                 max_grad_norm=None, ema_decay=None):
+                 max_grad_norm=None, ema_decay=None, state_dtype=None,
+                 min_8bit_size=MIN_8BIT_SIZE):
         for key in ("capturable", "differentiable"):
             if defaults.get(key):
                 raise ValueError(f"{key}=True is not supported by fastdl's fused step; use "
@@ -86,7 +104,8 @@ class _Optimizer(torch.optim.Optimizer):
         self._saved = None
         self._params = []
         self._options = dict(grad_scale=grad_scale, skip_nonfinite=skip_nonfinite,
-                             max_grad_norm=max_grad_norm, ema_decay=ema_decay)
+                             max_grad_norm=max_grad_norm, ema_decay=ema_decay,
+                             state_dtype=state_dtype, min_8bit_size=min_8bit_size)
         self.last_info = None
         super().__init__(params, defaults)
         self._build()  # validates the hyperparameters now, as torch's constructors do
@@ -261,24 +280,65 @@ class _Optimizer(torch.optim.Optimizer):
         part = flat[int(self._offsets[j]):int(self._offsets[j + 1])]
         return torch.as_strided(tensor(part, p), p.shape, p.stride())
 
+    def _shaped(self, a, j, dtype=None):
+        """Array ``a`` (param j's elements in its memory order, and maybe padding after them)
+        as a live tensor shaped and strided like param j; ``dtype`` reinterprets the bits
+        (bfloat16 over uint16)."""
+        p = self._params[j]
+        t = tensor(a, p)
+        if dtype is not None:
+            t = t.view(dtype)
+        return torch.as_strided(t, p.shape, p.stride())
+
     def _state_names(self, core):
         """The core buffers a torch optimizer of these options keeps (torch's names)."""
         return [n for n in core._needed_state() if n in core._state]
+
+    @staticmethod
+    def _8bit_names(core):
+        """The buffers that may hold 8-bit state, in torch's order: bitsandbytes' state 1, 2
+        (int8 rejects AMSGrad's maximum and centered RMSprop's mean)."""
+        return [n for n in core._known_state() if n not in _NOT_8BIT]
+
+    def _torch_state(self, core, names, rows):
+        """{param position: {key: live tensor}} of buffers ``names`` for the params ``rows``:
+        torch's names over float storage (bfloat16 as ``torch.bfloat16`` views of the stored
+        bits), bitsandbytes' ``stateN`` / ``absmaxN`` for a param with 8-bit state."""
+        store = core._store
+        quantized = store.quantized  # None for float storage
+        bits = torch.bfloat16 if store.name == "bfloat16" else None
+        number = {n: i + 1 for i, n in enumerate(self._8bit_names(core))}
+        parts = {name: store.parts(core._state[name]) for name in names}
+        out = {}
+        for j in rows:
+            j = int(j)
+            entry = out[j] = {}
+            if quantized is not None and quantized[j]:
+                n = self._params[j].numel()
+                for name in names:
+                    codes, absmax = parts[name][j]
+                    entry[f"state{number[name]}"] = self._shaped(codes[:n], j)
+                    entry[f"absmax{number[name]}"] = tensor(absmax, self._params[j])
+            else:
+                for name in names:
+                    entry[name] = self._shaped(parts[name][j][0], j, bits)
+        return out
 
     def _expose_state(self, core, present):
         """``self.state[p]``: live views of the core's buffers for the params stepped at least
         once (``present`` are those of this step)."""
         self._has_state |= present
-        names = self._state_names(core)
-        for j in np.flatnonzero(self._has_state):
-            entry = self.state[self._params[j]]
+        rows = np.flatnonzero(self._has_state)
+        views = self._torch_state(core, self._state_names(core), rows)
+        for j in rows:
+            p = self._params[j]
+            entry = self.state[p]
             entry.clear()
             if self._counts_steps:
                 entry["step"] = self._step_tensor[j]
-            for name in names:
-                entry[name] = self._state_view(core._state[name], j)
+            entry.update(views[int(j)])
             if not entry:
-                del self.state[self._params[j]]  # torch's SGD at momentum 0 keeps nothing
+                del self.state[p]  # torch's SGD at momentum 0 keeps nothing
         self._exposed = core._state_args
         self._all_have_state = bool(self._has_state.all())
 
@@ -291,11 +351,11 @@ class _Optimizer(torch.optim.Optimizer):
         return [self._state_view(core._ema, j) for j in range(len(self._params))]
 
     def _snapshot(self):
-        """What the core holds, as host copies per param (kept across a rebuild)."""
+        """What the core holds, as host copies per param (kept across a rebuild): the state
+        as the core's store saves it (8-bit codes and absmax as they are)."""
         core = self._core
         return {"counts": self._counts.copy(), "has_state": self._has_state.copy(),
-                "state": {name: [core._ops.host_copy(v) for v in core._ops.views(buf)]
-                          for name, buf in core._state.items()},
+                "state": {name: core._store.saved(buf) for name, buf in core._state.items()},
                 "ema": None if core._ema is None else
                 [core._ops.host_copy(v) for v in core._ops.views(core._ema)]}
 
@@ -305,10 +365,15 @@ class _Optimizer(torch.optim.Optimizer):
         self._has_state[:n] = saved["has_state"]
         self._uniform = bool(np.all(self._counts == self._counts[0]))
         self._step_values[:] = self._counts
+        fresh = None
         for name, arrays in saved["state"].items():
+            if fresh is None:  # what a new param's state starts as
+                fresh = core._store.saved(core._zero_state())
+            arrays = list(arrays) + fresh[len(arrays):]
+            arrays = core._store.checked(arrays, f"state[{name!r}]", core._shapes,
+                                         core._signed[name])
             core._state[name] = core._zero_state()
-            for view, a in zip(core._ops.views(core._state[name]), arrays):
-                core._ops.write(view, a)
+            core._store.write(core._state[name], arrays)
         if saved["ema"] is not None and core._ema is not None:
             for view, a in zip(core._ops.views(core._ema), saved["ema"]):
                 core._ops.write(view, a)
@@ -317,16 +382,18 @@ class _Optimizer(torch.optim.Optimizer):
     def state_dict(self):
         """torch's layout: ``{"state": {param index: {"step": tensor, <buffers>}},
         "param_groups": [{<options>, "params": [indices]}]}``, copies (not views) of the
-        state; plus ``"fastdl"``: this optimizer's options and EMA weights, which torch's
-        ``load_state_dict`` ignores."""
+        state (the stored bits: bfloat16 tensors, 8-bit ``stateN`` / ``absmaxN``); plus
+        ``"fastdl"``: this optimizer's options (``state_dtype`` and ``min_8bit_size``
+        included) and EMA weights, which torch's ``load_state_dict`` ignores."""
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         state = {}
-        names = self._state_names(self._core)
-        for j in np.flatnonzero(self._has_state):
+        rows = np.flatnonzero(self._has_state)
+        views = self._torch_state(self._core, self._state_names(self._core), rows)
+        for j in rows:
             entry = {"step": torch.tensor(float(self._counts[j]))} if self._counts_steps else {}
-            for name in names:
-                entry[name] = self._state_view(self._core._state[name], j).clone()
+            for key, value in views[int(j)].items():
+                entry[key] = value.clone()
             if entry:
                 state[int(j)] = entry
         groups, first = [], 0
@@ -349,26 +416,26 @@ class _Optimizer(torch.optim.Optimizer):
         """Load :meth:`state_dict`'s output, or a ``torch.optim`` optimizer's of the same
         algorithm and options (its state is copied in; steps continue identically). The whole
         dict is checked first: a rejected load changes nothing. ValueError for a wrong layout,
-        count, shape or value; TypeError for a wrong type or dtype (state is never cast).
-        fastdl's options (``grad_scale``, ...) stay this optimizer's."""
+        count, shape or value (8-bit state of another block layout or ``min_8bit_size``
+        included); TypeError for a wrong type or dtype (state is never cast, except as the
+        state dtypes convert: float32 into bfloat16 or 8-bit, bfloat16 into any, 8-bit into
+        float). fastdl's options (``grad_scale``, ``state_dtype``, ...) stay this
+        optimizer's."""
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             returned = hook(self, state_dict)
             if returned is not None:
                 state_dict = returned
         core = self._core
-        groups, state, counts, ema = self._checked_state_dict(state_dict, core)
+        groups, stepped, counts, ema, buffers = self._checked_state_dict(state_dict, core)
         # Nothing below raises: every value was validated above.
         for group, saved in zip(self.param_groups, groups):
             group.update(saved)
         self._sync_groups(core)
         core._refresh_hyper()
-        for buffer in core._state.values():  # what the saved state lacks starts at zero
-            core._ops.write(buffer, np.zeros(core._ops.total, core.dtype))
-        for j, entry in state.items():
-            for name, value in entry.items():
-                if name not in core._state:
-                    core._state[name] = core._zero_state()
-                self._state_view(core._state[name], j).copy_(value)
+        for name, arrays in buffers.items():  # what the saved state lacks starts at zero
+            if name not in core._state:
+                core._state[name] = core._zero_state()
+            core._store.write(core._state[name], arrays)
         if ema is not None and core._ema is not None:
             for j, value in enumerate(ema):
                 self._state_view(core._ema, j).copy_(value)
@@ -377,15 +444,16 @@ class _Optimizer(torch.optim.Optimizer):
         self._uniform = bool(np.all(counts == counts[0]))
         self._step_values[:] = counts
         self._has_state[:] = False
-        self._has_state[list(state)] = True
+        self._has_state[stepped] = True
         self.state.clear()
         self._expose_state(core, np.zeros(len(self._params), np.bool_))
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
     def _checked_state_dict(self, d, core):
-        """(group values, {param position: {buffer: tensor}}, step counts, EMA tensors or
-        None) of state dict ``d``, every value checked."""
+        """(group values, positions of the params with state, step counts, EMA tensors or
+        None, {buffer: the core store's checked arrays, every param's}) of state dict ``d``,
+        every value checked."""
         if not isinstance(d, dict):
             raise TypeError(f"state_dict must be a dict from state_dict(); got "
                             f"{type(d).__name__}")
@@ -410,6 +478,10 @@ class _Optimizer(torch.optim.Optimizer):
             core._checked_row(g, {k: values.get(k, group[k])
                                   for k in self._core_class._defaults})
             groups.append(values)
+        fastdl = d.get("fastdl") or {}
+        if not isinstance(fastdl, dict):
+            raise TypeError(f"state_dict['fastdl'] must be a dict; got {type(fastdl).__name__}")
+        self._check_saved_layout(fastdl.get("options"), core)
 
         # saved param indices follow the saved groups' "params" lists, in order
         position = {i: j for j, i in enumerate(i for s in saved_groups for i in s["params"])}
@@ -417,7 +489,6 @@ class _Optimizer(torch.optim.Optimizer):
         if not isinstance(saved_state, dict):
             raise TypeError("state_dict['state'] must be a dict {param index: state}; got "
                             f"{type(saved_state).__name__}")
-        known = core._known_state()
         counts = np.zeros(len(self._params), np.int64)
         state = {}
         for index, entry in saved_state.items():
@@ -427,18 +498,12 @@ class _Optimizer(torch.optim.Optimizer):
             j, where = position[index], f"state_dict['state'][{index!r}]"
             if not isinstance(entry, dict):
                 raise TypeError(f"{where} must be a dict; got {type(entry).__name__}")
-            state[j] = {}
-            for key, value in entry.items():
-                if key == "step":
-                    counts[j] = _step_count(value, f"{where}['step']")
-                elif key not in known:
-                    raise ValueError(f"{where} has unknown entry {key!r}; "
-                                     f"{type(self).__name__} keeps {known} and 'step'")
-                elif value is not None:  # torch's SGD may keep momentum_buffer=None
-                    state[j][key] = _checked_like(value, self._params[j], f"{where}[{key!r}]")
+            step, state[j] = self._checked_entry(core, j, where, entry)
+            if step is not None:
+                counts[j] = step
             if not self._counts_steps and state[j]:
                 counts[j] = 1  # torch's SGD keeps no count: a buffer means it has stepped
-        ema = (d.get("fastdl") or {}).get("ema")
+        ema = fastdl.get("ema")
         if ema is not None:
             if not isinstance(ema, (list, tuple)) or len(ema) != len(self._params):
                 raise ValueError("state_dict['fastdl']['ema'] must hold one tensor per param")
@@ -447,7 +512,89 @@ class _Optimizer(torch.optim.Optimizer):
                                  "ema_decay=None")
             ema = [_checked_like(e, p, f"state_dict['fastdl']['ema'][{j}]")
                    for j, (e, p) in enumerate(zip(ema, self._params))]
-        return groups, state, counts, ema
+
+        # Every buffer loaded or held, for every param, as the core's store writes it: the
+        # saved entries converted to the state dtype, zero state for the params without one.
+        buffers, fresh = {}, None
+        names = list(core._state) + [n for e in state.values() for n in e
+                                     if n not in core._state]
+        for name in dict.fromkeys(names):
+            if fresh is None:
+                fresh = core._store.saved(core._zero_state())
+            arrays = [state[j][name] if j in state and name in state[j] else fresh[j]
+                      for j in range(len(self._params))]
+            buffers[name] = core._store.checked(
+                arrays, f"state_dict['state'][...][{name!r}] by param position", core._shapes,
+                core._signed[name])
+        return groups, list(state), counts, ema, buffers
+
+    def _check_saved_layout(self, options, core):
+        """An 8-bit state dict of fastdl.torch (its ``"fastdl"`` options) must have this
+        optimizer's ``min_8bit_size``: another puts 8-bit codes on other params."""
+        if not isinstance(options, dict) or core.state_dtype != "int8" \
+                or options.get("state_dtype") != "int8":
+            return
+        saved, mine = options.get("min_8bit_size", MIN_8BIT_SIZE), core._store.min_8bit_size
+        if isinstance(saved, bool) or not isinstance(saved, (int, np.integer)) or saved != mine:
+            raise ValueError(f"state_dict['fastdl']['options']['min_8bit_size'] is {saved!r} "
+                             f"but this optimizer's is {mine}: a state dict of another "
+                             "min_8bit_size keeps 8-bit state for other params (construct the "
+                             f"optimizer with min_8bit_size={saved!r} to load it)")
+
+    def _checked_entry(self, core, j, where, entry):
+        """(step count or None, {buffer: host array or {"codes", "absmax"}}) of param j's
+        saved ``entry`` (``where`` names it): the arrays flat in the param's memory order, as
+        the core's store takes them."""
+        known, store, p = core._known_state(), core._store, self._params[j]
+        number = {i + 1: n for i, n in enumerate(self._8bit_names(core))}
+        eight = {f"{kind}{i}" for i in number for kind in ("state", "absmax")}
+        step, out = None, {}
+        for key, value in entry.items():
+            if key == "step":
+                step = _step_count(value, f"{where}['step']")
+            elif key in known:
+                if value is not None:  # torch's SGD may keep momentum_buffer=None
+                    out[key] = self._checked_float(core, value, j, f"{where}[{key!r}]")
+            elif key not in eight:
+                extra = f" and 8-bit {sorted(eight)}" if eight else ""
+                raise ValueError(f"{where} has unknown entry {key!r}; "
+                                 f"{type(self).__name__} keeps {known}, 'step'{extra}")
+        for i, name in number.items():
+            codes, absmax = f"state{i}", f"absmax{i}"
+            if codes not in entry and absmax not in entry:
+                continue
+            for key in (codes, absmax):
+                if key not in entry:
+                    other = absmax if key == codes else codes
+                    raise ValueError(f"{where} has {other!r} but no {key!r}: 8-bit state is "
+                                     "the pair of codes and absmax")
+            if name in out:
+                raise ValueError(f"{where} holds {name!r} twice: as {name!r} and as 8-bit "
+                                 f"{codes!r}")
+            if store.quantized is not None and not store.quantized[j]:
+                raise ValueError(
+                    f"{where}[{codes!r}] holds 8-bit codes, but this optimizer keeps float32 "
+                    f"state for params of under min_8bit_size={store.min_8bit_size} elements "
+                    f"(this one has {p.numel()}): a state dict of another min_8bit_size")
+            out[name] = _checked_codes(entry[codes], entry[absmax], p, f"{where}[{codes!r}]",
+                                       f"{where}[{absmax!r}]")
+        return step, out
+
+    def _checked_float(self, core, value, j, name):
+        """A saved float state tensor of param j as a flat host array in its memory order;
+        TypeError for a dtype the state dtype does not take."""
+        p = self._params[j]
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor; got {type(value).__name__}")
+        accepted = _accepted_dtypes(core)
+        if value.dtype not in accepted:
+            names = " or ".join(str(d).replace("torch.", "") for d in accepted)
+            raise TypeError(f"{name} must be {names} (state_dtype={core.state_dtype!r} over "
+                            f"{p.dtype} params); got {value.dtype} (no other dtype converts)")
+        if value.shape != p.shape:
+            raise ValueError(f"{name} must have shape {tuple(p.shape)}; got "
+                             f"{tuple(value.shape)}")
+        return _host_flat(value, p)
 
     def __repr__(self):
         return f"fastdl.torch.{super().__repr__()}"
@@ -485,6 +632,55 @@ def _checked_like(value, p, name):
     if value.shape != p.shape:
         raise ValueError(f"{name} must have shape {tuple(p.shape)}; got {tuple(value.shape)}")
     return value
+
+
+_NOT_8BIT = ("max_exp_avg_sq", "grad_avg")  # state that int8 rejects (amsgrad, centered)
+
+
+def _accepted_dtypes(core):
+    """The torch dtypes a saved float state tensor may have, as the core's stores take them:
+    the storage's, and bfloat16 everywhere (exact in float32); bfloat16 storage also takes
+    float32 (rounded), int8 takes float32 (quantized for its 8-bit params)."""
+    name = core._store.name
+    if name == "int8":
+        return (torch.float32, torch.bfloat16)
+    if name == "bfloat16":
+        return (torch.bfloat16, torch.float32)
+    return (getattr(torch, name), torch.bfloat16)
+
+
+def _host_flat(value, p):
+    """``value`` (shaped like param ``p``) as a 1-D host NumPy copy in ``p``'s memory order
+    (bfloat16 as its uint16 bits)."""
+    t = torch.empty_strided(tuple(p.shape), p.stride(), dtype=value.dtype)
+    t.copy_(value.detach())
+    flat = _flat(t, "state")
+    if flat.dtype == torch.bfloat16:
+        flat = flat.view(torch.uint16)
+    return flat.numpy()
+
+
+def _checked_codes(codes, absmax, p, codes_name, absmax_name):
+    """A saved 8-bit pair of param ``p`` as the core's ``{"codes", "absmax"}`` host arrays."""
+    from fastdl.kernels.quantize import BLOCK
+
+    for name, a, dtype in ((codes_name, codes, torch.uint8), (absmax_name, absmax,
+                                                              torch.float32)):
+        if not isinstance(a, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor; got {type(a).__name__}")
+        if a.dtype != dtype:
+            raise TypeError(f"{name} must be {str(dtype).replace('torch.', '')}; got "
+                            f"{a.dtype}")
+    if codes.shape != p.shape:
+        raise ValueError(f"{codes_name} must have the param's shape {tuple(p.shape)}; got "
+                         f"{tuple(codes.shape)}")
+    blocks = -(-p.numel() // BLOCK)
+    if tuple(absmax.shape) != (blocks,):
+        raise ValueError(f"{absmax_name} must have shape ({blocks},) (one absmax per block of "
+                         f"{BLOCK} values of the param's {p.numel()}); got "
+                         f"{tuple(absmax.shape)}: a state dict of another block layout")
+    return {"codes": _host_flat(codes, p),
+            "absmax": absmax.detach().cpu().numpy().copy()}
 
 
 def _step_count(value, name):
