@@ -281,19 +281,33 @@ class OptimCuda(_Optim, CudaOps):
         params = [cudalib.as_cuda_array(p) for p in params]
         super().__init__(params, tensor_groups, n_models, algorithm)
         self._update = optim_cuda.UPDATES[algorithm]
+        self._update_8bit = optim_cuda.UPDATES_8BIT[algorithm]
+        self._state_8bit = optim_cuda.STATE_8BIT[algorithm]
         self.param_addresses = np.array([cudalib.address(p) for p in params], np.int64)
         self._set_param_ranges()
-        flat_params = self._flat_views(params)
-        self.flat_plan = None
-        if _consecutive(self.param_addresses, self.sizes, self.dtype.itemsize):
-            self.flat_plan = self._launch_plan((cudalib.span(params[0], self.total),),
-                                          split(merged(self.rows, self.sizes),
-                                                cudalib.CHUNK_SIZE))
-        self._flat_params = flat_params
-        self.batches = self._batches(flat_params, self.rows)
-        self._subset_batches = {}
+        self._flat_params = self._flat_views(params)
         self.placeholder = self._lib.cuda.device_array(0, self.dtype)
         self._coef = self._active = self._inv_scale = None
+        self._build_plans()
+
+    def _build_plans(self):
+        """The launch plans of ``self.rows``: chunks of CHUNK_SIZE elements, with 8-bit state
+        rounded up to whole blocks (kernels.quantize.BLOCK) and no flat plan (rows are not
+        merged: blocks restart at each tensor and model)."""
+        lib = self._lib
+        chunk = lib.CHUNK_SIZE
+        if self.quantized is not None:
+            block = self._kernels.BLOCK
+            chunk = -(-chunk // block) * block
+        self.chunk = chunk
+        self.flat_plan = None
+        if self.quantized is None and _consecutive(self.param_addresses, self.sizes,
+                                                   self.dtype.itemsize):
+            self.flat_plan = self._launch_plan((lib.span(self.params[0], self.total),),
+                                               split(merged(self.rows, self.sizes), chunk))
+        self.batches = self._batches(self._flat_params, self.rows)
+        self._subset_batches = {}
+        self._codes_args = None  # (state arguments, their 8-bit ones), see update
 
     def _flat_views(self, arrays):
         return [a.reshape(a.size) if len(a.shape) != 1 else a for a in arrays]
@@ -303,10 +317,10 @@ class OptimCuda(_Optim, CudaOps):
 
     def _batches(self, flat_params, rows):
         """One launch's worth of separate tensors per entry: (param tuple, chunk table on the
-        device, the table's model column on the host, first tensor, tensor count, partial-sum
-        and flag buffers of grad_stats), for the chunk-table ``rows`` (tensors without rows get
-        no launch). Tuples are padded to MAX_TENSORS_PER_LAUNCH so that one compiled kernel
-        serves every launch; the padding is never indexed."""
+        device, the table's model column on the host, partial-sum and flag buffers of
+        grad_stats, update runs, first tensor, tensor count), for the chunk-table ``rows``
+        (tensors without rows get no launch). Tuples are padded to MAX_TENSORS_PER_LAUNCH so
+        that one compiled kernel serves every launch; the padding is never indexed."""
         per_launch = self._lib.MAX_TENSORS_PER_LAUNCH
         batches = []
         for first in range(0, len(flat_params), per_launch):
@@ -316,24 +330,39 @@ class OptimCuda(_Optim, CudaOps):
                 continue
             tensors = tuple(flat_params[first:first + count])
             tensors += (tensors[0],) * (per_launch - count)
-            batches.append(self._launch_plan(tensors, split(mine, self._lib.CHUNK_SIZE))
+            batches.append(self._launch_plan(tensors, split(mine, self.chunk), first)
                            + (first, count))
         return batches
 
-    def _launch_plan(self, tensors, table):
+    def _launch_plan(self, tensors, table, first=0):
+        """(tensors, device chunk table, its model column, grad_stats buffers, update runs):
+        the runs are (update kernel, 8-bit, device chunk table) triples, one for the whole
+        table, or with 8-bit state one for the chunks of 8-bit tensors and one for the others
+        (``first``: the tensor of the table's ptr 0)."""
         cuda = self._lib.cuda
-        return (tensors, self._to_device(table), table[:, 1].copy(),
+        device_table = self._to_device(table)
+        if self.quantized is None:
+            runs = [(self._update, False, device_table)]
+        else:
+            eight_bit = self.quantized[table[:, self._kernels.CHUNK.ptr] + first]
+            runs = [(kernel, quantized, self._to_device(table[eight_bit == quantized]))
+                    for kernel, quantized in ((self._update, False), (self._update_8bit, True))
+                    if np.any(eight_bit == quantized)]
+        return (tensors, device_table, table[:, 1].copy(),
                 cuda.device_array(table.shape[0], self.dtype),
-                cuda.device_array(table.shape[0], np.int32))
+                cuda.device_array(table.shape[0], np.int32), runs)
 
     def set_row_flags(self, row_flags, use_ema):
         """The GPU kernels read the flag columns of the coefficient rows as they run."""
 
     def zeros(self, shape, dtype):
-        """Zeroed on the device by a fill kernel: no host-to-device copy of zeros."""
+        """Zeroed on the device by a fill kernel: no host-to-device copy of zeros (float
+        state, bfloat16 bits as uint16, 8-bit codes as uint8)."""
         buffer = self._lib.cuda.device_array(shape, dtype)
-        self._lib.launch(self._kernels.fill_cuda, -(-buffer.size // self._lib.THREADS_PER_BLOCK),
-                         buffer.reshape(buffer.size), self._to_device(np.zeros(1, dtype)))
+        if buffer.size:
+            self._lib.launch(self._kernels.fill_cuda,
+                             -(-buffer.size // self._lib.THREADS_PER_BLOCK),
+                             buffer.reshape(buffer.size), self._to_device(np.zeros(1, dtype)))
         return buffer
 
     def concatenate(self, arrays):
@@ -369,10 +398,10 @@ class OptimCuda(_Optim, CudaOps):
             return [((self._lib.span(converted[0], self.total),),) + self.flat_plan]
         flat_grads = self._flat_views(converted)
         plan = []
-        for tensors, table, models, partial, flags, first, count in batches:
+        for tensors, table, models, partial, flags, runs, first, count in batches:
             grads_tuple = tuple(flat_grads[first:first + count])
             grads_tuple += (grads_tuple[0],) * (len(tensors) - count)
-            plan.append((grads_tuple, tensors, table, models, partial, flags))
+            plan.append((grads_tuple, tensors, table, models, partial, flags, runs))
         return plan
 
     def grad_stats(self, plan, model, like, sumsq, nonfinite):
@@ -387,7 +416,7 @@ class OptimCuda(_Optim, CudaOps):
             self._inv_scale.copy_to_device(inv_scale)
         sumsq[:] = 0.0
         nonfinite[:] = False
-        for grads, _, table, models, partial, flags in plan:
+        for grads, _, table, models, partial, flags, _ in plan:
             self._lib.launch(self._kernels.grad_stats_cuda, table.shape[0], grads, table,
                              self._inv_scale, partial, flags)
             sumsq += np.bincount(models, partial.copy_to_host().astype(np.float64),
@@ -396,12 +425,28 @@ class OptimCuda(_Optim, CudaOps):
                                      minlength=sumsq.shape[0]) > 0
 
     def update(self, plan, coef, active, state, ema):
+        """One launch per run of each plan entry; ``state``: the store's kernel arguments (a
+        list of flat arrays, or with 8-bit state (float32 arrays, codes, absmax):
+        fastdl/_state.py). The 8-bit updates take the codes and absmax of the buffers they
+        update only (``optim_cuda.STATE_8BIT``), the float updates the float32 arrays."""
         if self._coef is None:
             self._coef, self._active = self._to_device(coef), self._to_device(active)
         else:
             self._coef.copy_to_device(coef)
             self._active.copy_to_device(active)
-        for grads, params, table, *_ in plan:
-            self._lib.launch(self._update, table.shape[0], params, grads, table, self._coef,
-                             self._active, *state, ema)
+        if self.quantized is None:
+            for grads, params, *_, runs in plan:
+                for kernel, _, table in runs:
+                    self._lib.launch(kernel, table.shape[0], params, grads, table, self._coef,
+                                     self._active, *state, ema)
+            return
+        if self._codes_args is None or self._codes_args[0] is not state:
+            codes, absmax = state[1], state[2]
+            self._codes_args = (state, (tuple(codes[k] for k in self._state_8bit),
+                                        tuple(absmax[k] for k in self._state_8bit)))
+        for grads, params, *_, runs in plan:
+            for kernel, quantized, table in runs:
+                arguments = self._codes_args[1] if quantized else state[0]
+                self._lib.launch(kernel, table.shape[0], params, grads, table, self._coef,
+                                 self._active, *arguments, ema)
 

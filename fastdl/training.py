@@ -215,10 +215,10 @@ def train(model, splits, epochs=40, optimizer="adam", hyper=None, batch_size=64,
     :class:`History` of floats.
 
     ``hyper`` and ``state_dtype`` as :func:`make_optimizer`. Each epoch uses
-    ``lr = lr0 / (1 + 0.05 * epoch)`` and mini-batches of ``batch_size`` shuffled from ``seed * 1000 + epoch`` (the same seed, the
-    same numbers); early stopping (:class:`fastdl.nn.EarlyStopping`, ``patience`` epochs)
-    ends training and puts back the parameters of the best dev loss. ``progress(epoch,
-    history)`` is called after each epoch::
+    ``lr = lr0 / (1 + 0.05 * epoch)`` and mini-batches of ``batch_size`` shuffled from
+    ``seed * 1000 + epoch`` (the same seed, the same numbers); early stopping
+    (:class:`fastdl.nn.EarlyStopping`, ``patience`` epochs) ends training and puts back the
+    parameters of the best dev loss. ``progress(epoch, history)`` is called after each epoch::
 
         history = train(build_network(), splits, epochs=40, optimizer="adamw")
 

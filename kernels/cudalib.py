@@ -58,6 +58,29 @@ def device_function(fn):
     return cuda.jit(device=True)(fn)
 
 
+# float32 <-> its bits as an unsigned integer, for device code that also runs in the simulator
+# (bfloat16 state: kernels/optim_cuda.py): libdevice's casts on a GPU, NumPy views in the
+# simulator (where libdevice's functions return None; there the bits are a Python int, so that
+# rounding arithmetic on them cannot wrap).
+if SIMULATOR:
+    def _float32_bits(x):
+        return int(np.float32(x).view(np.uint32))
+
+    def _float32_from_bits(bits):
+        return np.uint32(int(bits) & 0xFFFFFFFF).view(np.float32)
+else:
+    from numba.cuda import libdevice
+
+    def _float32_bits(x):
+        return np.uint32(libdevice.float_as_int(x))
+
+    def _float32_from_bits(bits):
+        return libdevice.int_as_float(np.int32(bits))
+
+float32_bits = device_function(_float32_bits)
+float32_from_bits = device_function(_float32_from_bits)
+
+
 def launch(dispatcher, n_items, *args):
     """Launch ``dispatcher`` over ``n_items`` work items (grid-stride) and count it."""
     blocks = max(1, min(n_items, MAX_BLOCKS))

@@ -115,7 +115,9 @@ def nearest_code_function(signed):
         unit = u6 if a >= t6 else unit
         n = n6 if a >= t6 else n
         # the position in the decade: code j spans (0.1 + [j, j+1] * 0.9 / n) * 10**(e-6)
-        j = np.floor((a * unit - tenth) * (n * per_tenth))
+        # floor as truncation (to int32 and back: a vector convert on the CPU, cvt on a GPU):
+        # they differ only below 0, which is clamped to 0 next
+        j = f32(np.int32((a * unit - tenth) * (n * per_tenth)))
         j = j if j > 0 else f32(0)
         j = j if j < n - one else n - one
         k = n - extra + j
