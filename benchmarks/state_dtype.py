@@ -216,7 +216,7 @@ def main(argv=None):
     versions = ", ".join(f"{m} {_version(m)}" for m in ("bitsandbytes",) if _version(m))
     command = shlex.join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]]) \
         if argv is None else shlex.join(["python", "benchmarks/state_dtype.py", *argv])
-    print("### Adam step with low-precision state (provisional)\n")
+    print("### Adam step with low-precision state\n")
     print(f"`{command}`, {time.strftime('%Y-%m-%d %H:%M')}\n")
     print(f"Machine: {machine_description()}" + (f", {versions}" if versions else "")
           + (f"; last-level cache {_llc()}" if _llc() else "") + f"; {_vector_flags()}.")
