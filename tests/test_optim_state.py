@@ -109,6 +109,24 @@ def test_nearest_code_is_the_brute_force_argmin_but_near_ties(signed):
     assert np.array_equal(got[n:n + 256], np.arange(256))  # every code rounds to itself
 
 
+def test_nearest_code_loop_is_vectorized():
+    """The rounding loop (``encode_block``) compiles to packed float compares and conversions,
+    with no 64-bit integer vector arithmetic (numba widens int32 arithmetic to int64, which
+    would halve the lanes: the nearest code is float arithmetic to its last step)."""
+    @njit
+    def encode(values, codes):
+        return quantize.encode_block(values, codes, quantize.nearest_signed)
+
+    values = np.random.default_rng(2).standard_normal(256).astype(np.float32)
+    codes = np.empty(256, np.uint8)
+    encode(values, codes)
+    assert np.array_equal(codes, ref.quantize_blockwise(values, quantize.SIGNED_CODES)[0])
+    assembly = next(iter(encode.inspect_asm().values()))
+    assert "vcmp" in assembly and "ps" in assembly and "cvttps2dq" in assembly
+    assert "ymm" in assembly or "zmm" in assembly
+    assert not any(op in assembly for op in ("vpaddq", "vpsubq", "vpsllvq"))
+
+
 # -- every optimizer against the reference --------------------------------------------------------
 
 CASES = [
@@ -205,6 +223,35 @@ def test_matches_reference(kind, hyper, options, population, state_dtype):
     if options.get("ema_decay") is not None:
         for got, want in zip(opt.ema_params, reference.ema):
             assert_close(got, want, np.float32, what="EMA")
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
+def test_param_groups_with_low_precision_state(state_dtype):
+    """Two groups with their own hyperparameters, one tensor 8-bit, one small: the reference's
+    groups, step by step."""
+    rng = np.random.default_rng(4)
+    shapes = [(40, 30), (900,), (20,)]
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    ref_params = [p.copy() for p in params]
+    groups = [{"params": params[:2], "lr": 0.02, "weight_decay": 0.1},
+              {"params": params[2:], "betas": (0.5, 0.9)}]
+    opt = fd.optim.AdamW(groups, lr=0.01, state_dtype=state_dtype, min_8bit_size=1000)
+    reference = ref.ReferenceOptimizer(
+        "adamw", ref_params, groups=[([0, 1], {"lr": 0.02, "weight_decay": 0.1}),
+                                     ([2], {"betas": (0.5, 0.9)})],
+        lr=0.01, state_dtype=state_dtype, min_8bit_size=1000)
+    differing = 0
+    for t in range(STEPS):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        opt.step(grads)
+        reference.step(grads)
+        for got, want in zip(params, ref_params):
+            assert_close(got, want, np.float32, what=f"params after step {t + 1}")
+        differing += _compare_state(opt, reference, state_dtype, False)
+    assert differing <= 3
+    saved = opt.state_dict()["state"]["exp_avg"]
+    assert isinstance(saved[0], dict) == (state_dtype == "int8") and not isinstance(saved[1],
+                                                                                     dict)
 
 
 def test_int8_layout_blocks_restart_at_each_tensor_and_model():
