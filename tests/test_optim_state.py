@@ -466,3 +466,26 @@ def test_the_demo_network_trains_as_well_with_low_precision_state():
     assert accuracy["float32"] > 0.95
     for state_dtype in ("bfloat16", "int8"):
         assert abs(accuracy[state_dtype] - accuracy["float32"]) <= 0.01, accuracy
+
+
+@pytest.mark.parametrize("kind", ["sgd", "rmsprop", "adam"])
+def test_float64_state_of_float32_params_is_float32_state_exactly(kind):
+    """The update math is the params' dtype: float32 results stored in float64 and read back
+    are the same numbers, so the run is float32 state's, bit for bit; float32 state of float64
+    params rounds the moments and stays within float32 tolerance of float64 state."""
+    rng = np.random.default_rng(9)
+    hyper = {"momentum": 0.9} if kind != "adam" else {}
+    start = rng.standard_normal(3000).astype(np.float32)
+    runs = {}
+    for dtype, state_dtype in ((np.float32, None), (np.float32, "float64"), (np.float64, None),
+                               (np.float64, "float32")):
+        p = start.astype(dtype)
+        opt = CLASSES[kind]([p], lr=0.01, **hyper, state_dtype=state_dtype)
+        grads = np.random.default_rng(10)
+        for _ in range(10):
+            opt.step([grads.standard_normal(3000).astype(dtype)])
+        runs[dtype, state_dtype] = p
+        saved = next(iter(opt.state_dict()["state"].values()))[0]
+        assert saved.dtype == np.dtype(state_dtype or dtype)
+    assert np.array_equal(runs[np.float32, None], runs[np.float32, "float64"])
+    assert_close(runs[np.float64, "float32"], runs[np.float64, None], np.float32)
