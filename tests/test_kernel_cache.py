@@ -80,6 +80,28 @@ SCRIPT = textwrap.dedent("""
             if state["ema"] is not None:
                 results[f"optim_{name}_{n}_ema"] = state["ema"][0]
 
+    # low-precision state: bfloat16 and 8-bit updates, and float32 state quantized on load
+    for state_dtype in ("bfloat16", "int8"):
+        for name, cls, hyper in [("adam", fd.optim.Adam, dict(lr=0.01)),
+                                 ("sgd", fd.optim.SGD, dict(lr=0.05, momentum=0.9))]:
+            for n in (small * 5, large):  # 8-bit from 4096 elements
+                params = [rng(4).standard_normal(n).astype(np.float32)]
+                opt = cls(params, **hyper, state_dtype=state_dtype, ema_decay=0.9)
+                for step in range(3):
+                    opt.step([rng(10 + step).standard_normal(n).astype(np.float32)])
+                key = f"optim_{state_dtype}_{name}_{n}"
+                results[key] = params[0]
+                for buffer, arrays in opt.state_dict()["state"].items():
+                    entry = arrays[0]
+                    for part, value in (entry.items() if isinstance(entry, dict)
+                                        else [("", entry)]):
+                        results[f"{key}_{buffer}_{part}"] = value
+    full = fd.optim.Adam([np.ones(large, np.float32)], ema_decay=0.9)  # kernels run above
+    full.step([rng(20).standard_normal(large).astype(np.float32)])
+    low = fd.optim.Adam([np.ones(large, np.float32)], state_dtype="int8", ema_decay=0.9)
+    low.load_state_dict(full.state_dict())
+    results["optim_int8_loaded_codes"] = low.state_dict()["state"]["exp_avg"][0]["codes"]
+
     # a population network (kernels/dense.py's products, kernels/block.py's fused batch norm -
     # ReLU - dropout) and one model (the products alone), small and large
     from fastdl import training
