@@ -325,6 +325,19 @@ _block_max = device_function(_block_max)
 _encode = device_function(_encode)
 
 
+def _close_block(new, n, top, tops, codes, absmax, blk, start, signed):
+    """The end of a quantization block for one state: its absmax (the max tree over the
+    threads' ``top``, in shared ``tops``), written by thread 0, and this thread's share of
+    the codes."""
+    top = _block_max(top, tops)
+    _encode(new, n, top, codes, start, signed)
+    if cuda.threadIdx.x == 0:
+        absmax[blk] = top
+
+
+_close_block = device_function(_close_block)
+
+
 @kernel(_signatures_8bit(1))
 def sgd_update_8bit_cuda(params, grads, chunks, coef, active, codes, absmax, ema):
     tid, threads = cuda.threadIdx.x, cuda.blockDim.x
@@ -357,10 +370,7 @@ def sgd_update_8bit_cuda(params, grads, chunks, coef, active, codes, absmax, ema
                     new[j] = b
                     top = _larger(top, b)
                 if use_buf:
-                    top = _block_max(top, tops)
-                    _encode(new, n, top, codes[0], start, True)
-                    if tid == 0:
-                        absmax[0][blk] = top
+                    _close_block(new, n, top, tops, codes[0], absmax[0], blk, start, True)
                 cuda.syncthreads()
 
 
@@ -393,10 +403,7 @@ def momentum_update_8bit_cuda(params, grads, chunks, coef, active, codes, absmax
                         ema[flat + i] = _ema(ema[flat + i], pi, ema_keep, ema_gain)
                     new[j] = v
                     top = _larger(top, v)
-                top = _block_max(top, tops)
-                _encode(new, n, top, codes[0], start, True)
-                if tid == 0:
-                    absmax[0][blk] = top
+                _close_block(new, n, top, tops, codes[0], absmax[0], blk, start, True)
                 cuda.syncthreads()
 
 
@@ -437,15 +444,9 @@ def rmsprop_update_8bit_cuda(params, grads, chunks, coef, active, codes, absmax,
                         ema[flat + i] = _ema(ema[flat + i], pi, ema_keep, ema_gain)
                     new0[j], new1[j] = sq, b
                     top0, top1 = _larger(top0, sq), _larger(top1, b)
-                top0 = _block_max(top0, tops0)
-                _encode(new0, n, top0, codes[0], start, True)
+                _close_block(new0, n, top0, tops0, codes[0], absmax[0], blk, start, True)
                 if use_buf:
-                    top1 = _block_max(top1, tops1)
-                    _encode(new1, n, top1, codes[1], start, True)
-                if tid == 0:
-                    absmax[0][blk] = top0
-                    if use_buf:
-                        absmax[1][blk] = top1
+                    _close_block(new1, n, top1, tops1, codes[1], absmax[1], blk, start, True)
                 cuda.syncthreads()
 
 
@@ -487,12 +488,8 @@ def adam_update_8bit_cuda(params, grads, chunks, coef, active, codes, absmax, em
                         ema[flat + i] = _ema(ema[flat + i], pi, ema_keep, ema_gain)
                     new0[j], new1[j] = m, v
                     top0, top1 = _larger(top0, m), _larger(top1, v)
-                top0 = _block_max(top0, tops0)
-                top1 = _block_max(top1, tops1)
-                _encode(new0, n, top0, codes[0], start, True)
-                _encode(new1, n, top1, codes[1], start, False)
-                if tid == 0:
-                    absmax[0][blk], absmax[1][blk] = top0, top1
+                _close_block(new0, n, top0, tops0, codes[0], absmax[0], blk, start, True)
+                _close_block(new1, n, top1, tops1, codes[1], absmax[1], blk, start, False)
                 cuda.syncthreads()
 
 
