@@ -489,3 +489,42 @@ def test_float64_state_of_float32_params_is_float32_state_exactly(kind):
         assert saved.dtype == np.dtype(state_dtype or dtype)
     assert np.array_equal(runs[np.float32, None], runs[np.float32, "float64"])
     assert_close(runs[np.float64, "float32"], runs[np.float64, None], np.float32)
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
+def test_copy_and_reset_model_move_low_precision_state(state_dtype):
+    """A population's copy_model / reset_model (PBT's exploit, a restart) carry the stored
+    bits: after copying, model 2 steps exactly as model 0 does; a reset model steps as a new
+    optimizer would."""
+    rng = np.random.default_rng(11)
+    shapes = [(3, 5000), (3, 10)]
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    opt = fd.optim.Adam(params, lr=0.01, state_dtype=state_dtype, population=True)
+    for _ in range(3):
+        opt.step([rng.standard_normal(s).astype(np.float32) for s in shapes])
+    for p in params:
+        p[2] = p[0]
+    opt.copy_model(0, 2)
+    for p in params:
+        p[1] = 0.5
+    opt.reset_model(1)
+    fresh_params = [np.full(s[1:], 0.5, np.float32) for s in shapes]
+    fresh = fd.optim.Adam(fresh_params, lr=0.01, state_dtype=state_dtype)
+    for _ in range(3):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        for g in grads:
+            g[2] = g[0]
+        opt.step(grads)
+        fresh.step([g[1] for g in grads])
+    for p, f in zip(params, fresh_params):
+        assert np.array_equal(p[2], p[0])
+        assert np.array_equal(p[1], f)
+    saved, saved_fresh = opt.state_dict()["state"], fresh.state_dict()["state"]
+    for name in saved:
+        for entry, single in zip(saved[name], saved_fresh[name]):
+            if isinstance(entry, dict):
+                for key in ("codes", "absmax"):
+                    assert np.array_equal(entry[key][2], entry[key][0])
+                    assert np.array_equal(entry[key][1], single[key])
+            else:
+                assert np.array_equal(entry[2], entry[0]) and np.array_equal(entry[1], single)
