@@ -29,3 +29,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "tests/cuda" in str(item.fspath).replace(os.sep, "/"):
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def fresh_counter():
+    """Each test starts with a zeroed launch counter (tests read it to prove the GPU ran)."""
+    from fastdl.kernels import cudalib
+
+    cudalib.LAUNCHES.clear()

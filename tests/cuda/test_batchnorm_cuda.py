@@ -16,11 +16,6 @@ GRADIENT = {np.float32: dict(rtol=2e-3, atol=2e-4), np.float64: dict(rtol=1e-9, 
 LAYOUTS = [((12, 5), 1), ((3, 4, 20), 1), ((6, 40), 0), ((2, 3, 4, 5), -1), ((70, 3), 1)]
 
 
-@pytest.fixture(autouse=True)
-def fresh_counter():
-    cudalib.LAUNCHES.clear()
-
-
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lt: f"{lt[0]}-axis{lt[1]}")

@@ -29,11 +29,6 @@ SHAPES = [(33, 5), (7,)]
 STEPS = 3
 
 
-@pytest.fixture(autouse=True)
-def fresh_counter():
-    cudalib.LAUNCHES.clear()
-
-
 def device(arrays):
     return [cuda.to_device(a) for a in arrays]
 

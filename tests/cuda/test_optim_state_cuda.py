@@ -34,11 +34,6 @@ MIN_8BIT_SIZE = 300
 STEPS = 3
 
 
-@pytest.fixture(autouse=True)
-def fresh_counter():
-    cudalib.LAUNCHES.clear()
-
-
 def device(arrays):
     return [cuda.to_device(a) for a in arrays]
 
